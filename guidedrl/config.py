@@ -1,0 +1,546 @@
+"""One typed config tree. Recipes are YAML files over it; `extends:` chains recipes; `--set a.b=c`
+overrides any leaf. Unknown keys and wrong types fail with the dotted key path (exit code 2).
+
+The defaults are the vetted GRPO setting on the embedded `arith` task with the built-in base model.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from guidedrl.errors import ConfigError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+
+
+class Strict(BaseModel):
+    """Base for every config node: unknown keys are errors, values are validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# ----------------------------------------------------------------------------- model
+
+
+class TinyModel(Strict):
+    """A random-init Llama-architecture model built from this config (tests, benchmarks)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 512
+    seed: int = 0
+
+
+class Lora(Strict):
+    """LoRA adapters via peft; only the adapters are trained and saved."""
+
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | str = "all-linear"
+
+
+class ModelConfig(Strict):
+    path: str = "builtin:arith"
+    """A Hub id, a local folder, a .gguf file, `builtin:arith` (the embedded base, built and cached
+    on first use) or `tiny` (random init from `tiny`)."""
+    gguf_file: str | None = None
+    """GGUF file name inside `path` (a folder or Hub repo); dequantized by transformers."""
+    tiny: TinyModel = Field(default_factory=TinyModel)
+    """Shape of the random model when path is `tiny`."""
+    tokenizer: str | None = None
+    """Tokenizer location when it differs from `path`."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """auto = bfloat16 on GPU, float32 on CPU."""
+    device: str = "auto"
+    """auto = cuda if available, else cpu."""
+    chat: bool | None = None
+    """Render prompts with the tokenizer's chat template. None = when the tokenizer has one."""
+    system_prompt: str | None = None
+    lora: Lora | None = None
+    attn_implementation: str | None = None
+    """Passed to from_pretrained (e.g. sdpa, flash_attention_2). None = transformers' default."""
+    gradient_checkpointing: bool = False
+
+
+# ----------------------------------------------------------------------------- data
+
+
+class FieldMap(Strict):
+    """Which column holds what. Columns not named here are passed to rewards in Sample.extra."""
+
+    id: str = "id"
+    prompt: str = "prompt"
+    answer: str = "answer"
+    reference: str = "reference"
+    hints: str = "hints"
+    level: str = "level"
+
+
+class DataSource(Strict):
+    """Either a built-in task (`task`) or a file / saved `datasets` dataset (`path`)."""
+
+    task: str | None = "arith"
+    """Built-in task: `arith`, or `reasoning_gym:<dataset name>`."""
+    task_args: dict[str, Any] = Field(default_factory=dict)
+    """Arguments of the task generator (e.g. levels, size, seed)."""
+    path: str | None = None
+    """A .jsonl / .parquet file, or a folder written by datasets' save_to_disk."""
+    split: str | None = None
+    """Split name inside a DatasetDict folder."""
+    fields: FieldMap = Field(default_factory=FieldMap)
+    limit: int | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "DataSource":
+        if self.path is not None:
+            self.__dict__["task"] = None
+        if self.task is None and self.path is None:
+            raise ValueError("set either `task` or `path`")
+        return self
+
+
+def _default_eval() -> DataSource:
+    return DataSource(task="arith", task_args={"split": "test"})
+
+
+class DataConfig(Strict):
+    train: DataSource = Field(default_factory=DataSource)
+    eval: DataSource | None = Field(default_factory=_default_eval)
+    shuffle: bool = True
+
+
+# ----------------------------------------------------------------------------- rollout
+
+
+class RolloutConfig(Strict):
+    backend: Literal["hf"] = "hf"
+    group_size: int = Field(8, ge=1)
+    """G: completions per prompt."""
+    max_new_tokens: int = Field(64, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
+    """Forces at least this many tokens (benchmarks force a fixed length)."""
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    """0 = off."""
+    stop: list[str] = Field(default_factory=list)
+    """Stop strings; the completion is cut after the first one (finish reason `stop`)."""
+    batch_size: int = Field(256, ge=1)
+    """Sequences generated together (memory knob)."""
+
+
+# ----------------------------------------------------------------------------- reward
+
+
+class RewardTerm(Strict):
+    name: str
+    """Built-in reward (see `guidedrl recipes --rewards`) or `module:function` for your own."""
+    weight: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class RewardConfig(Strict):
+    terms: list[RewardTerm] | None = None
+    """None = the task's own verifier (arith: exact answer; files: math-verify)."""
+    on_error: Literal["raise", "zero"] = "raise"
+    """What an exception inside a reward function does: fail the run, or score 0 and warn."""
+    overlong: "Overlong | None" = None
+    """DAPO soft overlong penalty."""
+
+
+class Overlong(Strict):
+    """DAPO: R_len = min(-(|o| - (L_max - L_cache)) / L_cache * factor, 0)."""
+
+    cache_len: int = 16
+    factor: float = 1.0
+
+
+RewardConfig.model_rebuild()
+
+# ----------------------------------------------------------------------------- algorithm
+
+
+class GRPOAdvantage(Strict):
+    name: Literal["grpo"] = "grpo"
+    std: bool = True
+    """Divide by the group std (False = Dr.GRPO / LUFFY)."""
+    eps: float = 1e-6
+    stats_from: Literal["all", "onpolicy"] = "all"
+    """Group mean/std over every member, or over on-policy members only (CalibRL)."""
+
+
+class RLOOAdvantage(Strict):
+    name: Literal["rloo"] = "rloo"
+
+
+class ReinforcePPAdvantage(Strict):
+    name: Literal["reinforce_pp"] = "reinforce_pp"
+    eps: float = 1e-6
+    group_baseline: bool = False
+    """Subtract the group mean before batch normalization (REINFORCE++-baseline)."""
+
+
+class LitePPOAdvantage(Strict):
+    name: Literal["lite_ppo"] = "lite_ppo"
+    eps: float = 1e-6
+
+
+class AmplifiedAdvantage(Strict):
+    """R3L: A = 1 if r >= success; 3*(r - b) if r >= b; else r - b (b = group mean)."""
+
+    name: Literal["amplified"] = "amplified"
+    positive_scale: float = 3.0
+    success: float = 1.0
+
+
+class GAEAdvantage(Strict):
+    name: Literal["gae"] = "gae"
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten: bool = True
+
+
+AdvantageConfig = Annotated[
+    Union[GRPOAdvantage, RLOOAdvantage, ReinforcePPAdvantage, LitePPOAdvantage, AmplifiedAdvantage, GAEAdvantage],
+    Field(discriminator="name"),
+]
+
+
+class OffPolicyWeight(Strict):
+    """How tokens flagged off-policy (teacher traces, stripped-hint samples) are weighted."""
+
+    kind: Literal["ratio", "shaped", "none"] = "shaped"
+    """ratio: clipped like on-policy; shaped: w/(w+gamma), unclipped; none: w itself, unclipped."""
+    gamma: float = 0.1
+    gamma_percentile: float | None = None
+    """If set, gamma = this quantile of w over the micro-batch's off-policy tokens (Guide-GRPO 0.9)."""
+    gamma_min: float = 1e-4
+
+
+class PPOClipLoss(Strict):
+    name: Literal["ppo_clip"] = "ppo_clip"
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dual_clip: float | None = None
+    """c > 1 caps the loss of negative-advantage tokens at -A*c (DAPO 10)."""
+    clip: bool = True
+    """False = the unclipped ratio -A*rho (LUFFY, Critique-GRPO)."""
+    offpolicy: OffPolicyWeight = Field(default_factory=OffPolicyWeight)
+
+
+class ReinforceLoss(Strict):
+    """-A * logprob (no ratio), scaled by 1/(1+tau) (R3L's OPMD uses tau=1)."""
+
+    name: Literal["reinforce"] = "reinforce"
+    tau: float = 0.0
+
+
+class NFTLoss(Strict):
+    name: Literal["nft"] = "nft"
+    neg_weight: float = 1.0
+    normalize: Literal[0, 1, 2] = 1
+    ratio_cap: float = 10.0
+    rhat_min: float = 0.02
+    rhat_max: float = 0.98
+
+
+class PACSLoss(Strict):
+    name: Literal["pacs"] = "pacs"
+    beta: float = 1.0
+    balanced: bool = True
+
+
+class ROVERLoss(Strict):
+    name: Literal["rover"] = "rover"
+    rho: float = 1.0
+    next_q_scale: float = 1.0
+
+
+LossConfig = Annotated[
+    Union[PPOClipLoss, ReinforceLoss, NFTLoss, PACSLoss, ROVERLoss], Field(discriminator="name")
+]
+
+
+class ReduceConfig(Strict):
+    name: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "sum_over_constant"] = "token_mean"
+    constant: float | None = None
+    """Divisor for sum_over_constant; None = rollout.max_new_tokens."""
+
+
+class KLConfig(Strict):
+    coef: float = 0.0
+    """0 = no reference model is loaded."""
+    estimator: Literal["k1", "k2", "k3"] = "k3"
+    in_reward: bool = False
+    """Subtract coef*KL from the per-token reward instead of adding a loss term."""
+
+
+class DynamicSampling(Strict):
+    """DAPO: drop groups whose rewards are all equal; sample more until the batch is full."""
+
+    enabled: bool = False
+    max_batches: int = 4
+    """Give up (clear error) after this many generation rounds in one step."""
+
+
+class ValueConfig(Strict):
+    """PPO critic: a scalar head on the policy trunk."""
+
+    coef: float = 0.5
+    clip: float | None = 0.2
+
+
+class CalibrationConfig(Strict):
+    """CalibRL: |A| * LeakyReLU(-s * (logp - logp_expert)) on on-policy tokens."""
+
+    coef: float = 0.1
+    negative_slope: float = 0.5
+    success: float = 0.1
+
+
+class AlgoConfig(Strict):
+    advantage: AdvantageConfig = Field(default_factory=GRPOAdvantage)
+    loss: LossConfig = Field(default_factory=PPOClipLoss)
+    reduce: ReduceConfig = Field(default_factory=ReduceConfig)
+    kl: KLConfig = Field(default_factory=KLConfig)
+    entropy_coef: float = 0.0
+    """Entropy bonus (subtracted from the loss)."""
+    ce_coef: float = 0.0
+    """Cross-entropy (SFT) on tokens of completions flagged `sft`."""
+    value: ValueConfig | None = None
+    """PPO critic; required by the gae advantage."""
+    calibration: CalibrationConfig | None = None
+    epochs: int = Field(1, ge=1)
+    """Passes over each step's rollouts; >1 needs an old-log-prob pass."""
+    minibatches: int = Field(1, ge=1)
+    """Optimizer steps per epoch."""
+    dynamic_sampling: DynamicSampling = Field(default_factory=DynamicSampling)
+    mask_truncated: bool = False
+    """Zero the loss mask of completions that hit max_new_tokens (DAPO overlong filtering)."""
+
+    @model_validator(mode="after")
+    def _needs(self) -> "AlgoConfig":
+        if isinstance(self.advantage, GAEAdvantage) and self.value is None:
+            raise ValueError("advantage `gae` needs `algo.value` (a critic)")
+        return self
+
+
+# ----------------------------------------------------------------------------- train / run
+
+
+class TrainConfig(Strict):
+    steps: int = Field(40, ge=0)
+    prompts_per_step: int = Field(8, ge=1)
+    micro_batch_size: int = Field(32, ge=1)
+    """Sequences per forward/backward; gradients are accumulated to the whole batch."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
+    warmup_steps: int = 0
+    grad_clip: float | None = 1.0
+    seed: int = 0
+    max_nonfinite: int = 3
+    """Abort after this many non-finite losses/gradients in a row (each one skips its update)."""
+
+
+class EvalConfig(Strict):
+    every: int = 0
+    """Evaluate every N steps (0 = only before and after training)."""
+    samples: int = 4
+    """Completions per problem (pass@k for k <= samples)."""
+    limit: int | None = 64
+    temperature: float = 1.0
+    enabled: bool = True
+
+
+class RunConfig(Strict):
+    dir: str = "runs"
+    name: str | None = None
+    """Run folder name; None = recipe name + timestamp."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    log_completions: int = 2
+    """Completions written to completions.jsonl per step."""
+    loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
+    progress: bool = True
+
+
+class Config(Strict):
+    name: str = "grpo"
+    description: str = ""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    algo: AlgoConfig = Field(default_factory=AlgoConfig)
+    guidance: dict[str, Any] | None = None
+    """Guidance layer (see guidedrl.guidance); None = plain RL."""
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    run: RunConfig = Field(default_factory=RunConfig)
+
+    @model_validator(mode="after")
+    def _sizes(self) -> "Config":
+        seqs = self.train.prompts_per_step * self.rollout.group_size
+        if seqs % self.algo.minibatches:
+            raise ValueError(
+                f"train.prompts_per_step*rollout.group_size ({seqs}) must be divisible by algo.minibatches"
+            )
+        return self
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict) and "name" not in v:
+            out[k] = _deep_merge(out[k], v)
+        elif isinstance(v, dict) and isinstance(out.get(k), dict) and v.get("name") == out[k].get("name"):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def recipe_path(name_or_path: str) -> Path:
+    """A recipe name (`grpo`) or a path to a YAML file."""
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        if not p.exists():
+            raise ConfigError(f"{p}: no such recipe file")
+        return p
+    q = RECIPES_DIR / f"{name_or_path}.yaml"
+    if not q.exists():
+        names = sorted(x.stem for x in RECIPES_DIR.glob("*.yaml"))
+        close = difflib.get_close_matches(name_or_path, names, n=3)
+        hint = f" Did you mean {', '.join(close)}?" if close else f" Known recipes: {', '.join(names)}."
+        raise ConfigError(f"unknown recipe `{name_or_path}`.{hint}")
+    return q
+
+
+def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a recipe, following `extends:` (a recipe name or a path relative to the file)."""
+    path = path.resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: `extends` cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, got {type(raw).__name__}")
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise ConfigError(f"{path}: `extends` must be a recipe name or a path")
+    cand = (path.parent / parent)
+    ppath = cand if cand.suffix in (".yaml", ".yml") and cand.exists() else recipe_path(parent)
+    return _deep_merge(load_yaml(ppath, _seen + (path,)), raw)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], parsed YAML value)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value (e.g. train.lr=1e-5)")
+    key, _, value = item.partition("=")
+    keys = key.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {item!r}: empty key segment")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return keys, parsed
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    tree = dict(tree)
+    for item in overrides:
+        keys, value = parse_override(item)
+        node = tree
+        for k in keys[:-1]:
+            nxt = node.get(k)
+            if not isinstance(nxt, dict):
+                nxt = {} if nxt is None else nxt
+                if not isinstance(nxt, dict):
+                    raise ConfigError(f"--set {item!r}: `{k}` is not a section")
+                node[k] = nxt
+            node[k] = dict(nxt)
+            node = node[k]
+        node[keys[-1]] = value
+    return tree
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The config class at a dotted path (for suggestions), following discriminated unions loosely."""
+    node: Any = Config
+    for part in path:
+        if not (isinstance(node, type) and issubclass(node, BaseModel)):
+            return None
+        field = node.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        node = candidates[0] if candidates else None
+    return node if isinstance(node, type) else None
+
+
+def _format_error(err: dict[str, Any], source: str) -> str:
+    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("function-after", "function-before"))]
+    # discriminated unions add the tag as a path element; drop tags that are class names
+    dotted = ".".join(x for x in loc if not x[:1].isupper() and not x.startswith("function"))
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent = _model_at(tuple(dotted.split(".")[:-1]) if "." in dotted else ())
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(dotted.split(".")[-1], known, n=1)
+        hint = f" Did you mean `{'.'.join(dotted.split('.')[:-1] + [close[0]])}`?" if close else ""
+        return f"{source}: unknown key `{dotted}`.{hint}"
+    if etype == "union_tag_invalid":
+        return f"{source}: `{dotted}.name`: {err['msg']}"
+    return f"{source}: `{dotted or '(top level)'}`: {err['msg']} (got {err.get('input')!r})"
+
+
+def validate(tree: dict[str, Any], source: str = "config") -> Config:
+    """Validate a raw tree; every problem becomes one ConfigError line naming the dotted key."""
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = [_format_error(err, source) for err in e.errors()]
+        raise ConfigError("\n".join(dict.fromkeys(lines))) from None
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a recipe by name or path (None = defaults), apply `key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if recipe is not None:
+        path = recipe_path(recipe)
+        tree = load_yaml(path)
+        source = str(path)
+    tree = apply_overrides(tree, overrides or [])
+    return validate(tree, source)
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML (round-trips through load_config)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
