@@ -8,20 +8,16 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from guidedrl.config_base import Strict
 from guidedrl.errors import ConfigError
+from guidedrl.guidance.config import GuidanceConfig
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-
-
-class Strict(BaseModel):
-    """Base for every config node: unknown keys are errors, values are validated on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
 
 
 # ----------------------------------------------------------------------------- model
@@ -261,6 +257,8 @@ class PACSLoss(Strict):
 
 class ROVERLoss(Strict):
     name: Literal["rover"] = "rover"
+    needs: ClassVar[frozenset[str]] = frozenset({"vocab_mean"})
+    """Extra per-token quantities the trainer must compute for this loss."""
     rho: float = 1.0
     next_q_scale: float = 1.0
 
@@ -289,7 +287,9 @@ class DynamicSampling(Strict):
 
     enabled: bool = False
     max_batches: int = 4
-    """Give up (clear error) after this many generation rounds in one step."""
+    """Generation rounds allowed per step before the batch counts as short."""
+    on_short: Literal["error", "partial"] = "error"
+    """A batch still short after max_batches: stop with a clear error (DAPO), or train on what was kept."""
 
 
 class ValueConfig(Strict):
@@ -329,8 +329,11 @@ class AlgoConfig(Strict):
 
     @model_validator(mode="after")
     def _needs(self) -> "AlgoConfig":
-        if isinstance(self.advantage, GAEAdvantage) and self.value is None:
+        gae = isinstance(self.advantage, GAEAdvantage)
+        if gae and self.value is None:
             raise ValueError("advantage `gae` needs `algo.value` (a critic)")
+        if self.kl.in_reward and not gae:
+            raise ValueError("kl.in_reward needs a per-token advantage (advantage.name: gae); use a KL loss term instead")
         return self
 
 
@@ -384,7 +387,7 @@ class Config(Strict):
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     algo: AlgoConfig = Field(default_factory=AlgoConfig)
-    guidance: dict[str, Any] | None = None
+    guidance: GuidanceConfig | None = None
     """Guidance layer (see guidedrl.guidance); None = plain RL."""
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

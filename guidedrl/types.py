@@ -66,6 +66,8 @@ class Completion:
     reward_info: dict[str, Any] = field(default_factory=dict)
     feedback: str | None = None
     """Optional text feedback from a reward or critic (used by critique / multi-turn guidance)."""
+    token_extras: dict[str, list[float]] = field(default_factory=dict)
+    """Named per-response-token values a loss term needs (e.g. CalibRL's expert log-probs)."""
 
     @property
     def context_ids(self) -> list[int]:
@@ -99,6 +101,7 @@ class Batch:
     rewards: Tensor  # (B,) float
     group_ids: Tensor  # (B,) long
     onpolicy_rows: Tensor  # (B,) bool: source == "policy" and not offpolicy
+    recompute_rows: Tensor  # (B,) bool: trained under another context than sampled, without an IS weight
     advantages: Tensor | None = None  # (B, R)
     returns: Tensor | None = None  # (B, R) PPO value targets
     ref_logprobs: Tensor | None = None  # (B, R)
@@ -108,6 +111,14 @@ class Batch:
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
+
+    def to(self, device: torch.device | str) -> "Batch":
+        """All tensors moved to `device` (in place; returns self)."""
+        for name, value in vars(self).items():
+            if isinstance(value, Tensor):
+                setattr(self, name, value.to(device))
+        self.extras = {k: v.to(device) for k, v in self.extras.items()}
+        return self
 
     def select(self, rows: Tensor | list[int]) -> "Batch":
         """A sub-batch of the given rows (for micro-batching); trims no padding."""
@@ -130,6 +141,7 @@ class Batch:
             rewards=self.rewards[idx],
             group_ids=self.group_ids[idx],
             onpolicy_rows=self.onpolicy_rows[idx],
+            recompute_rows=self.recompute_rows[idx],
             advantages=pick(self.advantages),
             returns=pick(self.returns),
             ref_logprobs=pick(self.ref_logprobs),

@@ -1,0 +1,147 @@
+"""Build everything a run needs from the config, once, at the boundary (registries are read here)."""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from guidedrl.config import Config
+from guidedrl.data import load_samples
+from guidedrl.data.tasks import default_reward
+from guidedrl.models import load_model, load_policy, render_prompt, use_chat
+from guidedrl.rewards import build_reward
+from guidedrl.rollout.collect import Guide, RolloutContext
+from guidedrl.rollout.hf import HFEngine
+from guidedrl.select import UniformSelector
+from guidedrl.types import Sample
+from guidedrl.update import Objective
+
+
+class RewardTimer:
+    """Wraps the reward call to time it separately from generation."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+        self.seconds = 0.0
+
+    def reset(self) -> None:
+        self.seconds = 0.0
+
+    def __call__(self, samples: list[Sample], texts: list[str]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(samples, texts)
+        finally:
+            self.seconds += time.perf_counter() - t0
+
+
+@dataclass
+class Parts:
+    cfg: Config
+    model: nn.Module
+    tokenizer: Any
+    ref: nn.Module | None
+    value_head: nn.Module | None
+    engine: HFEngine
+    ctx: RolloutContext
+    selector: UniformSelector
+    guide: Guide | None
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    params: list[nn.Parameter]
+    reward_timer: RewardTimer
+    eval_samples: list[Sample]
+    chat: bool
+    last_ids: list[str] = field(default_factory=list)
+
+    def render(self, sample: Sample, hint: str | None = None) -> list[int]:
+        return render_prompt(self.tokenizer, sample, chat=self.chat, system_prompt=self.cfg.model.system_prompt, hint=hint)
+
+
+def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the base lr at optimizer step s: linear warmup, then constant / cosine / linear decay."""
+    import math
+
+    def f(s: int) -> float:
+        if warmup and s < warmup:
+            return (s + 1) / warmup
+        if kind == "constant" or total <= warmup:
+            return 1.0
+        frac = min(1.0, (s - warmup) / max(1, total - warmup))
+        return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
+
+    return f
+
+
+def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
+    t = cfg.train
+    fused = all(p.is_cuda for p in params)
+    opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, fused=fused or None)
+    total = t.steps * cfg.algo.epochs * cfg.algo.minibatches
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, total))
+    return opt, sched
+
+
+def make_logprob_fn(model: nn.Module, tokenizer: Any, temperature: float) -> Callable[[list[int], list[int]], list[float]]:
+    """(context ids, response ids) -> the policy's current log-prob of each response token."""
+    from guidedrl.batch import collate
+    from guidedrl.logprobs import policy_outputs
+    from guidedrl.types import Completion
+
+    @torch.no_grad()
+    def fn(context: list[int], ids: list[int]) -> list[float]:
+        if not ids:
+            return []
+        c = Completion(sample=Sample(id="_", prompt=""), group=0, prompt_ids=context, ids=ids,
+                       logprobs=[0.0] * len(ids), text="", finish_reason="eos")
+        b = collate([c], tokenizer.pad_token_id).to(next(model.parameters()).device)
+        was = model.training
+        model.eval()
+        lp = policy_outputs(model, b, temperature=temperature).logprobs[0, : len(ids)]
+        model.train(was)
+        return lp.float().cpu().tolist()
+
+    return fn
+
+
+def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
+    """Model, tokenizer, reference, engine, data, reward, guide, objective and optimizer for `cfg`."""
+    from guidedrl.guidance import build_guide
+
+    model, tok = load_policy(cfg.model)
+    chat = use_chat(cfg.model, tok)
+    ref = load_model(cfg.model, tok, trainable=False) if cfg.algo.kl.coef else None
+    value_head = None
+    if cfg.algo.value is not None:
+        hidden = model.config.hidden_size
+        value_head = nn.Linear(hidden, 1).to(next(model.parameters()).device)
+        nn.init.zeros_(value_head.weight)
+        nn.init.zeros_(value_head.bias)
+        model.add_module("value_head", value_head)  # saved and restored with the model
+    train = load_samples(cfg.data.train)
+    evals = load_samples(cfg.data.eval) if (cfg.data.eval is not None and cfg.eval.enabled) else []
+    if cfg.eval.limit is not None:
+        evals = evals[: cfg.eval.limit]
+    task = cfg.data.train.task if cfg.data.train.path is None else None
+    reward = RewardTimer(build_reward(cfg.reward.terms, default_reward(task), cfg.reward.on_error))
+    engine = HFEngine(model, tok, cfg.rollout)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt, sched = build_optimizer(cfg, params)
+    parts = Parts(
+        cfg=cfg, model=model, tokenizer=tok, ref=ref, value_head=value_head, engine=engine, ctx=None,  # type: ignore[arg-type]
+        selector=UniformSelector(train, cfg.train.seed, cfg.data.shuffle), guide=None,
+        objective=Objective.from_config(cfg.algo, cfg.rollout.temperature, cfg.rollout.max_new_tokens),
+        optimizer=opt, scheduler=sched, params=params, reward_timer=reward, eval_samples=evals, chat=chat,
+    )
+    parts.ctx = RolloutContext(engine=engine, tokenizer=tok, render=parts.render, reward=reward,
+                               group_size=cfg.rollout.group_size, total_steps=max(1, cfg.train.steps), seed=cfg.train.seed,
+                               rng=random.Random(cfg.train.seed),
+                               logprobs=make_logprob_fn(model, tok, cfg.rollout.temperature))
+    parts.guide = guide if guide is not None else build_guide(cfg)
+    return parts

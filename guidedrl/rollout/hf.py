@@ -1,0 +1,164 @@
+"""The transformers rollout backend: a sampling loop over the model's KV cache.
+
+Why a loop of our own instead of `model.generate`: we need the behaviour log-prob of every sampled
+token without keeping (B, T, V) logits, forced response prefixes, stop strings, per-row early exit and
+a seeded generator that makes CPU sampling reproducible.
+
+Sampling matches `generate(do_sample=True)`: logits / temperature, then top-k, then top-p. The
+recorded behaviour log-prob is log_softmax(logits / temperature) of the sampled token, i.e. what a
+fresh forward pass at the same temperature gives (top-k/top-p truncation is not renormalized into
+it, as in verl and TRL).
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from guidedrl.config import RolloutConfig
+from guidedrl.models import unwrap
+from guidedrl.rollout.base import Generation, GenRequest
+
+
+def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """logits: (B, V) already temperature-scaled -> masked logits for sampling."""
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+class HFEngine:
+    """Samples continuations with a transformers causal LM (CPU or one GPU)."""
+
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: RolloutConfig) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.cfg = cfg
+        self.pad_id = tokenizer.pad_token_id
+        eos = tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
+        # transformers renamed `past_key_values` to `cache` (5.2x); support both releases
+        params = inspect.signature(unwrap(model).forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._stop_window = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in cfg.stop), default=0)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        requests: list[GenRequest],
+        *,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> list[list[Generation]]:
+        """One list of `n` Generations per request, in request order."""
+        rows = [(i, r.context + r.prefix) for i, r in enumerate(requests) for _ in range(r.n)]
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(0 if seed is None else seed)
+        out: list[list[Generation]] = [[] for _ in requests]
+        bs = self.cfg.batch_size
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(rows), bs):
+                chunk = rows[start : start + bs]
+                gens = self._generate_rows(
+                    [ctx for _, ctx in chunk],
+                    max_new_tokens or self.cfg.max_new_tokens,
+                    temperature or self.cfg.temperature,
+                    gen,
+                )
+                for (i, _), g in zip(chunk, gens, strict=True):
+                    out[i].append(g)
+        finally:
+            self.model.train(was_training)
+        return out
+
+    def _generate_rows(self, contexts: list[list[int]], max_new: int, temperature: float, gen: torch.Generator) -> list[Generation]:
+        dev = self.device
+        B = len(contexts)
+        P = max(len(c) for c in contexts)
+        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((B, P), dtype=torch.long)
+        for b, c in enumerate(contexts):
+            ids[b, P - len(c) :] = torch.tensor(c, dtype=torch.long)
+            attn[b, P - len(c) :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P) left-padding-safe positions
+        out_ids = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=dev)
+        out_lp = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        reason = ["length"] * B
+        lengths = [max_new] * B
+        cache = None
+        step_ids, step_pos = ids, pos
+        eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
+        for t in range(max_new):
+            res = self.model(
+                input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
+                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+            )
+            cache = getattr(res, self._cache_kw)
+            logits = res.logits[:, -1, :].float() / temperature  # (B, V)
+            if t < self.cfg.min_new_tokens and eos.numel():
+                logits[:, eos] = float("-inf")
+            logp = logits.log_softmax(-1)  # (B, V)
+            probs = _filter_logits(logits, self.cfg.top_k, self.cfg.top_p).softmax(-1)
+            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(dev)  # (B,)
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            out_ids[:, t] = nxt
+            out_lp[:, t] = logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0)
+            newly = ~done & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
+            for b in newly.nonzero().flatten().tolist():
+                reason[b], lengths[b] = "eos", t + 1
+            done |= newly
+            if self.cfg.stop:
+                self._check_stops(out_ids, t, done, reason, lengths)
+            if bool(done.all()):
+                break
+            step_ids = nxt[:, None]
+            attn = torch.cat([attn, attn.new_ones((B, 1))], dim=1)  # finished rows keep decoding pads; ignored
+            step_pos = pos[:, -1:] + t + 1
+        return self._finish(out_ids, out_lp, lengths, reason)
+
+    def _check_stops(self, out_ids: Tensor, t: int, done: Tensor, reason: list[str], lengths: list[int]) -> None:
+        """Mark rows whose recent tokens complete a stop string (decodes only a short tail)."""
+        window = self._stop_window + 2
+        for b in (~done).nonzero().flatten().tolist():
+            tail = self.tokenizer.decode(out_ids[b, max(0, t + 1 - window) : t + 1].tolist())
+            if any(s in tail for s in self.cfg.stop):
+                done[b] = True
+                reason[b], lengths[b] = "stop", t + 1
+
+    def _finish(self, out_ids: Tensor, out_lp: Tensor, lengths: list[int], reason: list[str]) -> list[Generation]:
+        gens = []
+        ids_cpu, lp_cpu = out_ids.cpu(), out_lp.cpu()
+        for b, n in enumerate(lengths):
+            ids = ids_cpu[b, :n].tolist()
+            lps = lp_cpu[b, :n].tolist()
+            if reason[b] == "stop":
+                ids, lps = self._cut_at_stop(ids, lps)
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            gens.append(Generation(ids=ids, logprobs=lps, text=text, finish_reason=reason[b]))  # type: ignore[arg-type]
+        return gens
+
+    def _cut_at_stop(self, ids: list[int], lps: list[float]) -> tuple[list[int], list[float]]:
+        """Keep the shortest token prefix whose text contains a stop string (the stop string stays)."""
+        for k in range(1, len(ids) + 1):
+            if any(s in self.tokenizer.decode(ids[:k]) for s in self.cfg.stop):
+                return ids[:k], lps[:k]
+        return ids, lps

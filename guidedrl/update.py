@@ -1,0 +1,170 @@
+"""One optimizer update over a step's rollouts: the loss is a sum of components, each reduced with
+its own global normalizer, accumulated over micro-batches. Algorithm-blind: the recipe chose the
+functions (resolved once in `Objective.from_config`), and tokens carry their own mask and flags.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from guidedrl import algo
+from guidedrl.algo import losses as L
+from guidedrl.algo.reduce import build_reducer
+from guidedrl.config import AlgoConfig, ReduceConfig
+from guidedrl.logprobs import policy_outputs
+from guidedrl.types import Batch, LossInputs, Reducer
+
+
+class NonFiniteError(RuntimeError):
+    """Too many non-finite losses or gradients in a row."""
+
+
+@dataclass
+class Objective:
+    """The loss components a recipe chose, resolved from config once."""
+
+    cfg: AlgoConfig
+    loss_fn: Callable[..., Any]
+    temperature: float
+    default_constant: float
+    needs: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def from_config(cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int) -> "Objective":
+        return cls(
+            cfg=cfg,
+            loss_fn=algo.get(algo.LOSSES, cfg.loss.name, "algo.loss.name"),
+            temperature=temperature,
+            default_constant=float(max_new_tokens),
+            needs=cfg.loss.needs,
+        )
+
+    def micro_loss(
+        self, model: nn.Module, mb: Batch, red: Reducer, ce_red: Reducer, value_head: nn.Module | None
+    ) -> tuple[Tensor, dict[str, float]]:
+        """Loss of one micro-batch, already scaled so that micro-batch losses sum to the batch loss."""
+        c = self.cfg
+        out = policy_outputs(
+            model, mb, temperature=self.temperature, entropy=True,
+            vocab_mean="vocab_mean" in self.needs, value_head=value_head,
+        )
+        assert mb.advantages is not None, "advantages must be computed before the update"
+        inp = LossInputs(
+            logprobs=out.logprobs, old_logprobs=mb.old_logprobs, advantages=mb.advantages, mask=mb.mask,
+            offpolicy=mb.offpolicy, rewards=mb.rewards, group_ids=mb.group_ids, values=out.values,
+            old_values=mb.old_values, returns=mb.returns, vocab_mean_logprobs=out.vocab_mean_logprobs,
+            old_vocab_mean_logprobs=mb.extras.get("old_vocab_mean_logprobs"),
+        )
+        pg = self.loss_fn(inp, c.loss, red)
+        total = pg.loss
+        metrics = {f"loss/{k}" if k == "policy" else k: v for k, v in pg.metrics.items()}
+        metrics["loss/policy"] = float(pg.loss.detach())
+        ent = L.entropy_bonus(out.entropy, mb.mask, red)
+        metrics["entropy"] = float(ent.loss.detach())
+        if c.entropy_coef:
+            total = total - c.entropy_coef * ent.loss
+        if c.kl.coef and not c.kl.in_reward:
+            assert mb.ref_logprobs is not None, "kl.coef > 0 needs reference log-probs"
+            kl = L.kl_loss(out.logprobs, mb.ref_logprobs, mb.mask, c.kl.estimator, red)
+            total = total + c.kl.coef * kl.loss
+            metrics["kl"] = float(kl.loss.detach())
+        if c.ce_coef:
+            ce = L.ce_loss(out.logprobs, mb.mask * mb.sft.float(), ce_red)
+            total = total + c.ce_coef * ce.loss
+            metrics["loss/ce"] = float(ce.loss.detach())
+        if c.value is not None:
+            assert out.values is not None and mb.returns is not None and mb.old_values is not None
+            vl = L.value_loss(out.values, mb.old_values, mb.returns, mb.mask, c.value.clip, red)
+            total = total + c.value.coef * vl.loss
+            metrics["loss/value"] = float(vl.loss.detach())
+        if c.calibration is not None and "expert_logprobs" in mb.extras:
+            cal = L.calibration(inp, c.calibration, mb.extras["expert_logprobs"], red)
+            total = total + c.calibration.coef * cal.loss
+            metrics["loss/calibration"] = float(cal.loss.detach())
+        return total, metrics
+
+
+def _micro_slices(n: int, size: int) -> list[list[int]]:
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
+
+
+def _accumulate(metrics: dict[str, float], new: dict[str, float], share: float) -> None:
+    for k, v in new.items():
+        metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(("loss/", "entropy", "kl")) else v * share)
+
+
+def optimizer_step(
+    model: nn.Module,
+    params: list[nn.Parameter],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    obj: Objective,
+    batch: Batch,
+    *,
+    micro_batch_size: int,
+    grad_clip: float | None,
+    value_head: nn.Module | None = None,
+) -> tuple[dict[str, float], bool]:
+    """Accumulate gradients over micro-batches of `batch`, then step. -> (metrics, finite)."""
+    red = build_reducer(obj.cfg.reduce, batch.mask, obj.default_constant)
+    ce_red = build_reducer(ReduceConfig(name="token_mean"), batch.mask * batch.sft.float(), obj.default_constant)
+    optimizer.zero_grad(set_to_none=True)
+    metrics: dict[str, float] = {}
+    finite = True
+    for rows in _micro_slices(len(batch), micro_batch_size):
+        loss, m = obj.micro_loss(model, batch.select(rows), red, ce_red, value_head)
+        if not torch.isfinite(loss):
+            finite = False
+            break
+        loss.backward()
+        _accumulate(metrics, m, len(rows) / len(batch))
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
+    if not finite or not math.isfinite(float(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return metrics | {"nonfinite": 1.0}, False
+    optimizer.step()
+    scheduler.step()
+    metrics["grad_norm"] = float(grad_norm)
+    metrics["lr"] = float(scheduler.get_last_lr()[0])
+    return metrics, True
+
+
+@torch.no_grad()
+def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_size: int, rows_only: bool = False) -> None:
+    """pi_old = the policy at rollout time, recomputed under the training context.
+
+    Off-policy rows keep their behaviour log-probs (cross-context ratios, teacher text).
+    rows_only: recompute only `batch.recompute_rows` (sampled under a guided context, trained under
+    the plain one without an importance weight, e.g. RuscaRL's stripped scaffolds).
+    """
+    was = model.training
+    model.eval()
+    keep = batch.offpolicy.any(-1)  # (B,) rows whose behaviour log-probs must stay
+    if rows_only:
+        keep = keep | ~batch.recompute_rows
+    lps, means = [], []
+    for rows in _micro_slices(len(batch), micro_batch_size):
+        out = policy_outputs(model, batch.select(rows), temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs)
+        lps.append(out.logprobs)
+        if out.vocab_mean_logprobs is not None:
+            means.append(out.vocab_mean_logprobs)
+    model.train(was)
+    new = torch.cat(lps) * batch.response_mask  # (B, R)
+    batch.old_logprobs = torch.where(keep[:, None], batch.old_logprobs, new)
+    if means:
+        batch.extras["old_vocab_mean_logprobs"] = torch.cat(means) * batch.response_mask
+
+
+@torch.no_grad()
+def reference_logprobs(ref: nn.Module, batch: Batch, temperature: float, micro_batch_size: int) -> Tensor:
+    """Reference-model log-probs of the response tokens: (B, R)."""
+    outs = [
+        policy_outputs(ref, batch.select(rows), temperature=temperature).logprobs
+        for rows in _micro_slices(len(batch), micro_batch_size)
+    ]
+    return torch.cat(outs) * batch.response_mask
