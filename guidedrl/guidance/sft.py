@@ -55,5 +55,5 @@ def run_sft_stage(parts: "Parts", s: SFTStage) -> dict[str, float]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            losses.append(float(loss))
+            losses.append(float(loss.detach()))
     return {"sft/traces": float(len(traces)), "sft/loss_first": losses[0], "sft/loss_last": losses[-1]}

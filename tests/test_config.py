@@ -1,0 +1,118 @@
+"""Config tree: round trip, extends/overrides, and the error messages users see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from guidedrl.cli import main
+from guidedrl.config import Config, RECIPES_DIR, dump_config, load_config, load_yaml, validate
+from guidedrl.errors import ConfigError
+
+
+def test_defaults_round_trip(tmp_path: Path) -> None:
+    cfg = Config()
+    p = tmp_path / "c.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(str(p)) == cfg
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+def test_every_recipe_validates_and_round_trips(name: str, tmp_path: Path) -> None:
+    cfg = load_config(name)
+    assert cfg.name == name
+    assert load_yaml(RECIPES_DIR / f"{name}.yaml").get("description"), "each recipe has a one-line description"
+    p = tmp_path / "r.yaml"
+    p.write_text(dump_config(cfg))
+    assert load_config(str(p)) == cfg
+
+
+def test_extends_and_overrides(tmp_path: Path) -> None:
+    child = tmp_path / "child.yaml"
+    child.write_text("extends: dapo\nname: mine\ntrain: {lr: 3.0e-6}\n")
+    cfg = load_config(str(child), ["algo.loss.eps_high=0.3", "rollout.stop=[\"\\n\\n\"]", "train.steps=5"])
+    assert cfg.name == "mine"
+    assert cfg.algo.loss.name == "ppo_clip" and cfg.algo.loss.eps_high == 0.3  # from dapo, overridden
+    assert cfg.algo.dynamic_sampling.enabled  # inherited from dapo
+    assert cfg.train.lr == 3e-6 and cfg.train.steps == 5
+    assert cfg.rollout.stop == ["\n\n"]
+
+
+def test_switching_a_union_member_replaces_it() -> None:
+    cfg = load_config("grpo", ["algo.loss={name: nft}"])
+    assert cfg.algo.loss.name == "nft" and cfg.algo.loss.neg_weight == 1.0
+
+
+def test_unknown_key_names_full_path_and_suggests() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("grpo", ["train.lrr=1e-5"])
+    assert "`train.lrr`" in str(e.value) and "train.lr" in str(e.value)
+
+
+def test_unknown_nested_key_in_yaml(tmp_path: Path) -> None:
+    p = tmp_path / "bad.yaml"
+    p.write_text("rollout:\n  group_sise: 4\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    msg = str(e.value)
+    assert str(p) in msg and "`rollout.group_sise`" in msg and "rollout.group_size" in msg
+
+
+def test_wrong_type_names_key_and_type() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["rollout.group_size=many"])
+    assert "`rollout.group_size`" in str(e.value) and "integer" in str(e.value)
+
+
+def test_bad_union_name() -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["algo.advantage.name=grpoo"])
+    assert "algo.advantage" in str(e.value)
+
+
+def test_invalid_combinations_are_unrepresentable() -> None:
+    with pytest.raises(ConfigError, match="needs `algo.value`"):
+        validate({"algo": {"advantage": {"name": "gae"}}})
+    with pytest.raises(ConfigError, match="teacher"):
+        validate({"guidance": {"source": "teacher"}})
+    with pytest.raises(ConfigError, match="divisible"):
+        validate({"train": {"prompts_per_step": 3}, "rollout": {"group_size": 3}, "algo": {"minibatches": 2}})
+
+
+def test_yaml_syntax_error_names_file_and_line(tmp_path: Path) -> None:
+    p = tmp_path / "broken.yaml"
+    p.write_text("train:\n  lr: [1e-5\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(str(p))
+    assert f"{p}:" in str(e.value)
+
+
+def test_unknown_recipe_suggests() -> None:
+    with pytest.raises(ConfigError, match="dapo"):
+        load_config("dap")
+
+
+def test_cli_exit_code_2_and_no_traceback(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    rc = main(["train", "grpo", "--set", "train.stepz=3", "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "train.stepz" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "a bad config must not leave a run folder behind"
+
+
+def test_cli_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
+    for cmd in ["train", "recipes", "eval", "compare", "report", "demo", "base"]:
+        with pytest.raises(SystemExit) as e:
+            main([cmd, "--help"])
+        assert e.value.code == 0
+        out = capsys.readouterr().out
+        assert f"usage: guidedrl {cmd}" in out and len(out) > 120
+
+
+def test_cli_recipes_lists_descriptions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ["grpo", "dapo", "guide_grpo", "luffy", "pope"]:
+        line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
+        assert len(line.split(None, 1)[1]) > 10
