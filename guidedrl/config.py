@@ -242,6 +242,7 @@ class ReinforceLoss(Strict):
 
 class NFTLoss(Strict):
     name: Literal["nft"] = "nft"
+    needs: ClassVar[frozenset[str]] = frozenset({"whole_groups"})
     neg_weight: float = 1.0
     normalize: Literal[0, 1, 2] = 1
     ratio_cap: float = 10.0
@@ -251,6 +252,7 @@ class NFTLoss(Strict):
 
 class PACSLoss(Strict):
     name: Literal["pacs"] = "pacs"
+    needs: ClassVar[frozenset[str]] = frozenset({"whole_groups"})
     beta: float = 1.0
     balanced: bool = True
 
@@ -395,6 +397,12 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _sizes(self) -> "Config":
+        if "whole_groups" in self.algo.loss.needs:
+            if self.train.micro_batch_size % self.rollout.group_size or self.algo.minibatches != 1:
+                raise ValueError(
+                    f"algo.loss `{self.algo.loss.name}` computes group statistics per micro-batch: "
+                    "train.micro_batch_size must be a multiple of rollout.group_size and algo.minibatches 1"
+                )
         seqs = self.train.prompts_per_step * self.rollout.group_size
         if seqs % self.algo.minibatches:
             raise ValueError(

@@ -5,6 +5,7 @@ functions (resolved once in `Objective.from_config`), and tokens carry their own
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -83,7 +84,9 @@ class Objective:
             total = total + c.value.coef * vl.loss
             metrics["loss/value"] = float(vl.loss.detach())
         if c.calibration is not None and "expert_logprobs" in mb.extras:
-            cal = L.calibration(inp, c.calibration, mb.extras["expert_logprobs"], red)
+            # the expert is aligned by position: positions past its end carry no calibration signal
+            cal_inp = dataclasses.replace(inp, mask=inp.mask * mb.extras["expert_mask"])
+            cal = L.calibration(cal_inp, c.calibration, mb.extras["expert_logprobs"], red)
             total = total + c.calibration.coef * cal.loss
             metrics["loss/calibration"] = float(cal.loss.detach())
         return total, metrics

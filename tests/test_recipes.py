@@ -40,7 +40,7 @@ def tiny_overrides(data: Path) -> list[str]:
     return [
         "model.path=tiny", f"data.train.path={data}", "data.eval=null", "eval.enabled=false",
         "reward.terms=[{name: regex_format, args: {pattern: e}}]", "rollout.max_new_tokens=12",
-        "rollout.group_size=4", "train.prompts_per_step=4", "train.micro_batch_size=6", "train.lr=1e-3",
+        "rollout.group_size=4", "train.prompts_per_step=4", "train.micro_batch_size=8", "train.lr=1e-3",
         "run.progress=false", "train.steps=2", "reward.overlong=null",
     ]
 

@@ -1,0 +1,35 @@
+"""The algorithm registries: plain dicts from config names to pure functions, read only where the
+config is resolved. A new estimator or loss is one function plus one entry here."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+from guidedrl.algo import advantages, kl, losses, reduce, shaping  # noqa: F401  (algo.kl etc. for callers)
+from guidedrl.errors import ConfigError
+
+ADVANTAGES: dict[str, Callable[..., Any]] = {
+    "grpo": advantages.grpo,
+    "rloo": advantages.rloo,
+    "reinforce_pp": advantages.reinforce_pp,
+    "lite_ppo": advantages.lite_ppo,
+    "amplified": advantages.amplified,
+    "gae": advantages.gae,
+}
+
+LOSSES: dict[str, Callable[..., Any]] = {
+    "ppo_clip": losses.ppo_clip,
+    "reinforce": losses.reinforce,
+    "nft": losses.nft,
+    "pacs": losses.pacs,
+    "rover": losses.rover,
+}
+
+F = TypeVar("F")
+
+
+def get(registry: dict[str, F], name: str, key: str = "name") -> F:
+    """registry[name], or a ConfigError naming the config `key` and listing the valid names."""
+    if name not in registry:
+        raise ConfigError(f"`{key}`: unknown {name!r}; valid: {', '.join(sorted(registry))}")
+    return registry[name]
