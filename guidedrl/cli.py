@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="evaluate a model", description="pass@k / mean@k / majority@k per difficulty level, optionally with test-time guidance.")
     e.add_argument("--model", required=True, help="run folder, checkpoint folder, model folder, Hub id or builtin:arith")
-    e.add_argument("--task", default="arith", help="built-in task (arith, reasoning_gym:NAME) or a data file")
+    e.add_argument("--task", default=None, help="built-in task (arith, reasoning_gym:NAME) or a data file (default: the run's eval set, else arith)")
     e.add_argument("--k", default="1,8", help="comma-separated k values (default 1,8)")
     e.add_argument("--n", type=int, default=None, help="samples per problem (default max k)")
     e.add_argument("--limit", type=int, default=None, help="evaluate the first N problems")

@@ -6,7 +6,9 @@ The defaults are the vetted GRPO setting on the embedded `arith` task with the b
 
 from __future__ import annotations
 
+import datetime
 import difflib
+import json
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
@@ -449,6 +451,8 @@ def load_yaml(path: Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
         raise ConfigError(f"{path}: `extends` cycle: {' -> '.join(str(p) for p in _seen + (path,))}")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
+    except (ValueError, RecursionError) as e:
+        raise ConfigError(f"{path}: invalid value: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
@@ -477,8 +481,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set {item!r}: empty key segment")
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):  # dates like 2001-13-45, absurd nesting
         parsed = value
+    if isinstance(parsed, (datetime.date, datetime.datetime)):
+        parsed = value  # `--set run.name=2024-01-01` means the string
+    try:
+        json.dumps(parsed)
+    except (ValueError, TypeError, RecursionError):
+        raise ConfigError(f"--set {key}: value is not plain data (YAML anchors/aliases or nesting too deep)") from None
     return keys, parsed
 
 

@@ -17,12 +17,13 @@ from guidedrl import algo
 from guidedrl.algo import losses as L
 from guidedrl.algo.reduce import build_reducer
 from guidedrl.config import AlgoConfig, ReduceConfig
+from guidedrl.errors import UserError
 from guidedrl.logprobs import policy_outputs
 from guidedrl.types import Batch, LossInputs, Reducer
 
 
-class NonFiniteError(RuntimeError):
-    """Too many non-finite losses or gradients in a row."""
+class NonFiniteError(UserError):
+    """Too many non-finite losses or gradients in a row (a clear message, not a traceback)."""
 
 
 @dataclass

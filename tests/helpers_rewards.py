@@ -19,3 +19,4 @@ def boom(samples: list[Sample], completions: list[str]) -> list[float]:
     if len(samples) > 1:
         raise ValueError("user reward exploded")
     return [0.0] * len(samples)
+
