@@ -1,0 +1,173 @@
+"""Guidance pieces, hand-computed: schedules, graded shares, escalation, triggers, pivots, token
+routing (guide tokens get no policy-gradient weight), and the guided metrics a run logs."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from guidedrl.algo.reduce import build_reducer
+from guidedrl.algo.losses import ppo_clip
+from guidedrl.batch import collate
+from guidedrl.config import PPOClipLoss, ReduceConfig, RolloutConfig
+from guidedrl.guidance.config import GuidanceConfig, Prefix, Schedule, Trigger
+from guidedrl.guidance.guide import ComposedGuide
+from guidedrl.guidance.parts import cut, fires, graded_share, hint_text, prefix_fractions, schedule_strength
+from guidedrl.guidance.refine import _mask_before_pivot, pivot_chars
+from guidedrl.logprobs import policy_outputs
+from guidedrl.models import render_prompt
+from guidedrl.rollout.collect import RolloutContext, collect
+from guidedrl.rollout.hf import HFEngine
+from guidedrl.types import Completion, LossInputs, Sample
+
+
+def test_sigmoid_decay_by_hand() -> None:
+    s = Schedule(kind="sigmoid_decay", midpoint=0.2, steepness=125.0)
+    # x = step/(total-1). step 0: 1/(1+e^(-25)) = 1 - 1.4e-11; x = 0.2: 1/(1+e^0) = 0.5;
+    # step 10 of 11 (x=1): 1/(1+e^100) ~ 3.7e-44
+    assert schedule_strength(s, 0, 11) == pytest.approx(1.0, abs=1e-10)
+    assert schedule_strength(s, 2, 11) == pytest.approx(0.5)
+    assert schedule_strength(s, 10, 11) == pytest.approx(math.exp(-100), rel=1e-6)
+    # x = 0.1 -> 1/(1+e^(-12.5)) = 0.9999962733
+    assert schedule_strength(s, 1, 11) == pytest.approx(1 / (1 + math.exp(-12.5)))
+
+
+def test_linear_decay_phase_and_fixed() -> None:
+    assert schedule_strength(Schedule(kind="linear_decay"), 3, 5) == pytest.approx(0.25)  # 1 - 3/4
+    ph = Schedule(kind="phase", switch_step=3)
+    assert [schedule_strength(ph, i, 10) for i in range(5)] == [1, 1, 1, 0, 0]
+    assert schedule_strength(ph, 7, 10, switches=True) == 1.0  # D2LOLS keeps guiding, with another injection
+    assert schedule_strength(Schedule(), 9, 10) == 1.0
+
+
+def test_graded_shares_ruscarl() -> None:
+    # (n-1-i)/(n-1) for n = 8: 1, 6/7, ..., 1/7, 0
+    assert [graded_share(i, 8) for i in range(8)] == pytest.approx([(7 - i) / 7 for i in range(8)])
+    assert graded_share(0, 1) == 1.0
+
+
+def test_prefix_fractions_and_cut() -> None:
+    rng = random.Random(0)
+    assert prefix_fractions(Prefix(escalate=[0.25, 0.5, 0.75]), rng) == [0.25, 0.5, 0.75]
+    assert prefix_fractions(Prefix(fraction=0.4), rng) == [0.4]
+    r = prefix_fractions(Prefix(random_range=(0.25, 0.75)), random.Random(1))[0]
+    assert r == pytest.approx(0.25 + 0.5 * random.Random(1).random())
+    # 10 chars, 25% -> round(2.5) = 2 (banker's rounding) chars; 50% -> 5
+    assert cut("0123456789", 0.25, None, "chars") == "01" and cut("0123456789", 0.5, None, "chars") == "01234"
+    assert cut("abc", 0.0, None, "chars") == ""
+
+
+def test_hint_share() -> None:
+    s = Sample(id="a", prompt="p", hints=["h1", "h2", "h3", "h4"])
+    assert hint_text(s, 1.0) == "h1\nh2\nh3\nh4" and hint_text(s, 0.5) == "h1\nh2" and hint_text(s, 0.1) is None
+
+
+def _group(rewards: list[float]) -> list[Completion]:
+    s = Sample(id="a", prompt="p")
+    return [Completion(sample=s, group=0, prompt_ids=[1], ids=[2], logprobs=[0.0], text="", finish_reason="eos", reward=r)
+            for r in rewards]
+
+
+def test_triggers() -> None:
+    rng = random.Random(0)
+    assert fires(Trigger(kind="all_fail"), _group([0, 0, 0]), rng)
+    assert not fires(Trigger(kind="all_fail"), _group([0, 1, 0]), rng)
+    assert fires(Trigger(kind="below_threshold", threshold=1.0), _group([0.5, 0.9]), rng)
+    assert not fires(Trigger(kind="below_threshold", threshold=0.8), _group([0.5, 0.9]), rng)
+    assert fires(Trigger(kind="always"), _group([1.0]), rng)
+    hits = sum(fires(Trigger(kind="probability", p=0.3), _group([0]), random.Random(i)) for i in range(2000))
+    assert 520 < hits < 680  # Binomial(2000, 0.3): mean 600, sd 20.5
+
+
+def test_pivot_by_hand() -> None:
+    ref = "3+4=7. 7*2=14. 14-5=9. #### 9"
+    att = "3+4=7. 7*2=15. 15-5=10. #### 10"
+    # the attempt leaves the reference at "15" (char 12); the last step end before it is the "." at 5
+    assert pivot_chars(att, ref) == 6 and att[:6] == "3+4=7."
+    assert pivot_chars("9", ref) == 0 and pivot_chars(att, None) == 0
+    c = _group([0])[0]
+    c.ids, c.logprobs, c.loss_mask = [5, 6, 7, 8], [0.0] * 4, [1.0, 1.0, 1.0, 1.0]
+    _mask_before_pivot(c, 2)
+    assert c.mask == [0.0, 0.0, 1.0, 1.0]
+
+
+def test_prefix_tokens_get_zero_policy_gradient(tiny) -> None:
+    """A guided completion whose first 3 tokens are a teacher-forced prefix: those positions get
+    exactly zero gradient from the policy loss; the policy's own tokens do not."""
+    model, tok = tiny
+    s = Sample(id="a", prompt="What is 2+3?")
+    ctx = render_prompt(tok, s, chat=True)
+    c = Completion(sample=s, group=0, prompt_ids=ctx, ids=[40, 41, 42, 43, 44], logprobs=[0.0] * 3 + [-5.0, -5.0],
+                   text="", finish_reason="eos", loss_mask=[0.0, 0.0, 0.0, 1.0, 1.0], source="guided")
+    b = collate([c], tok.pad_token_id)
+    out = policy_outputs(model, b)
+    lp = out.logprobs.detach().requires_grad_(True)
+    inp = LossInputs(logprobs=lp, old_logprobs=b.old_logprobs, advantages=torch.ones_like(lp), mask=b.mask,
+                     offpolicy=b.offpolicy)
+    red = build_reducer(ReduceConfig(name="token_mean"), b.mask, 5.0)
+    ppo_clip(inp, PPOClipLoss(), red).loss.backward()
+    assert torch.all(lp.grad[0, :3] == 0) and torch.all(lp.grad[0, 3:] != 0)
+
+
+def _ctx(tiny, rewards: dict[str, float]) -> RolloutContext:
+    model, tok = tiny
+    eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=6))
+
+    def reward(samples, texts):  # correct iff the completion was generated with guidance text "GO"
+        return [rewards.get("guided" if "GO" in t else "plain", 0.0) for t in texts], [{} for _ in texts]
+
+    return RolloutContext(engine=eng, tokenizer=tok, render=lambda s, h: render_prompt(tok, s, chat=False, hint=h),
+                          reward=reward, group_size=4, rng=random.Random(0))
+
+
+def test_escalation_stops_at_first_success_and_routes_tokens(tiny) -> None:
+    ctx = _ctx(tiny, {"guided": 1.0})
+    s = Sample(id="a", prompt="p", reference="xx GO yy zz ww")
+    cfg = GuidanceConfig(source="reference", trigger=Trigger(kind="all_fail"), injection="response_prefix",
+                         prefix=Prefix(escalate=[0.1, 0.5, 0.9], unit="chars"))
+    g = ComposedGuide(cfg)
+    groups = collect([s], ctx, g, seed=0)
+    # 0.1 of 14 chars = "x" (no GO: all fail) -> escalate to 0.5 = "xx GO y" (GO: all pass) -> stop
+    (group,) = groups
+    assert all(c.reward_info["guide_fraction"] == 0.5 for c in group)
+    assert all(c.source == "guided" and c.text.startswith("xx GO y") for c in group)
+    k = len(ctx.encode("xx GO y"))
+    assert all(c.mask[:k] == [0.0] * k and c.logprobs[:k] == [0.0] * k for c in group)
+    assert g.metrics()["guide/trigger_rate"] == 1.0
+
+
+def test_strip_context_makes_cross_context_rows(tiny) -> None:
+    ctx = _ctx(tiny, {})
+    s = Sample(id="a", prompt="p", hints=["use GO"])
+    cfg = GuidanceConfig(source="hint", trigger=Trigger(kind="all_fail"), injection="prompt_hint",
+                         context="strip", offpolicy=True)
+    (group,) = collect([s], ctx, ComposedGuide(cfg), seed=0)
+    plain = ctx.render(s, None)
+    for c in group:
+        assert c.context_ids == plain and c.prompt_ids != plain and c.offpolicy
+        assert any(x != 0.0 for x in c.logprobs)  # behaviour log-probs under the hinted context are kept
+
+
+def test_replace_puts_reference_in_one_failed_slot(tiny) -> None:
+    ctx = _ctx(tiny, {})
+    s = Sample(id="a", prompt="p", reference="the answer is 5")
+    cfg = GuidanceConfig(source="reference", trigger=Trigger(kind="always"), injection="replace", members=1,
+                         offpolicy=True, behaviour="one")
+    (group,) = collect([s], ctx, ComposedGuide(cfg), seed=0)
+    refs = [c for c in group if c.source == "reference"]
+    assert len(group) == 4 and len(refs) == 1
+    r = refs[0]
+    assert r.offpolicy and r.sft and r.logprobs == [0.0] * len(r.ids) and r.ids[-1] == ctx.tokenizer.eos_token_id
+
+
+def test_pope_versions_are_separate_groups(tiny) -> None:
+    ctx = _ctx(tiny, {})
+    s = Sample(id="a", prompt="p", reference="GO GO GO GO")
+    cfg = GuidanceConfig(source="reference", trigger=Trigger(kind="always"), injection="response_prefix",
+                         keep_unguided=True)
+    groups = collect([s], ctx, ComposedGuide(cfg), seed=0)
+    assert len(groups) == 2 and {c.source for c in groups[0]} == {"guided"} and {c.source for c in groups[1]} == {"policy"}
+    assert groups[0][0].group != groups[1][0].group and all(len(g) == 4 for g in groups)
