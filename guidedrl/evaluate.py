@@ -449,6 +449,7 @@ def evaluate_model(
     default). Writes eval.json and eval.md to `out` when given.
     """
     from guidedrl.data import load_samples
+    from guidedrl.data.loaders import balanced_head
     from guidedrl.data.tasks import default_reward
     from guidedrl.models import load_model, load_tokenizer, use_chat
     from guidedrl.rewards import build_reward
@@ -466,7 +467,7 @@ def evaluate_model(
     src = eval_source(cfg, task)
     samples = load_samples(src, key="data.eval")
     limit = limit if limit is not None else cfg.eval.limit
-    samples = samples if limit is None else samples[:limit]
+    samples = samples if limit is None else balanced_head(samples, limit)
     if reward_fn is None:
         task_terms = default_reward(src.task if src.path is None else None)
         reward_fn = build_reward(cfg.reward.terms, task_terms, cfg.reward.on_error)

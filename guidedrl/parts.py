@@ -12,6 +12,7 @@ from torch import nn
 
 from guidedrl.config import Config
 from guidedrl.data import load_samples
+from guidedrl.data.loaders import balanced_head
 from guidedrl.data.tasks import default_reward
 from guidedrl.models import load_model, load_policy, render_prompt, use_chat
 from guidedrl.rewards import build_reward
@@ -127,7 +128,7 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
     train = load_samples(cfg.data.train)
     evals = load_samples(cfg.data.eval) if (cfg.data.eval is not None and cfg.eval.enabled) else []
     if cfg.eval.limit is not None:
-        evals = evals[: cfg.eval.limit]
+        evals = balanced_head(evals, cfg.eval.limit)
     task = cfg.data.train.task if cfg.data.train.path is None else None
     reward = RewardTimer(build_reward(cfg.reward.terms, default_reward(task), cfg.reward.on_error))
     engine = HFEngine(model, tok, cfg.rollout)

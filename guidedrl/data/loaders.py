@@ -50,7 +50,29 @@ def load_samples(src: DataSource, key: str = "data.train") -> list[Sample]:
     else:
         assert src.task is not None, "DataSource validation guarantees task or path"
         samples = _load_task(src.task, src.task_args, key)
-    return samples if src.limit is None else samples[: src.limit]
+    return samples if src.limit is None else balanced_head(samples, src.limit)
+
+
+def balanced_head(samples: list[Sample], n: int) -> list[Sample]:
+    """The first `n` samples taken round-robin over difficulty levels (in level order).
+
+    Built-in tasks list problems level by level, so a plain `samples[:n]` would keep only the
+    easiest levels; this keeps every level represented. Samples without levels: `samples[:n]`.
+
+    >>> s = [Sample(id=f"{lv}{i}", prompt="", level=lv) for lv in (1, 2) for i in range(3)]
+    >>> [x.id for x in balanced_head(s, 4)]
+    ['10', '20', '11', '21']
+    """
+    if n >= len(samples) or all(s.level is None for s in samples):
+        return samples[:n]
+    by_level: dict[Any, list[Sample]] = {}
+    for s in samples:
+        by_level.setdefault(s.level if s.level is not None else -1, []).append(s)
+    queues = [by_level[k] for k in sorted(by_level)]
+    out: list[Sample] = []
+    for i in range(max(len(q) for q in queues)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out[:n]
 
 
 def _load_task(task: str, task_args: dict[str, Any], key: str) -> list[Sample]:

@@ -71,13 +71,23 @@ def _lazy(module: str, attr: str) -> Callable[..., RewardFn]:
     return factory
 
 
+def make_code(**args: Any) -> RewardFn:
+    """The sandboxed code-execution reward (guidedrl.rewards.code), its limits checked now, not at the first batch."""
+    from guidedrl.rewards.code import make_code_reward
+
+    try:
+        return make_code_reward(**args)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"code reward: {e}") from None
+
+
 REWARDS: dict[str, Callable[..., RewardFn]] = {
     "math": make_math,
     "exact": make_exact,
     "regex_format": make_regex_format,
     "reasoning_gym": make_reasoning_gym,
     "arith": _lazy("guidedrl.data.tasks.arith", "arith_reward"),
-    "code": _lazy("guidedrl.rewards.code", "code_reward"),
+    "code": make_code,
 }
 """Built-in reward name -> factory(**args) -> reward function."""
 

@@ -45,6 +45,9 @@ NAMES = "abcdefghijkmnpqrstuvwxyz"
 """Variable names (no l or o, which look like digits)."""
 SHUFFLE = True
 """List the definitions after the start in random order, so the chain must be followed by name."""
+TAIL = 2
+"""Up to TAIL more definitions continue the chain past the queried variable, so the number of
+definitions does not give the number of steps: a solver has to stop when it reaches the query."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,9 @@ class Problem:
     ops: tuple[Op, ...]
     names: tuple[str, ...]
     order: tuple[int, ...]
+    tail: tuple[Op, ...] = ()
+    """Operations past the query (listed in the prompt, not part of the answer); names has one
+    more entry per tail operation, and `order` indexes chain and tail operations together."""
 
     def values(self) -> list[int]:
         out = [self.start]
@@ -76,9 +82,9 @@ class Problem:
         return out
 
     def prompt(self) -> str:
-        n = self.names
-        defs = [f"{n[i + 1]}={n[i]}{self.ops[i].sym}{self.ops[i].arg}." for i in self.order]
-        return " ".join([f"{n[0]}={self.start}."] + defs + [f"{n[-1]}=?"]) + "\n"
+        n, ops = self.names, self.ops + self.tail
+        defs = [f"{n[i + 1]}={n[i]}{ops[i].sym}{ops[i].arg}." for i in self.order]
+        return " ".join([f"{n[0]}={self.start}."] + defs + [f"{n[len(self.ops)]}=?"]) + "\n"
 
     def steps(self) -> list[str]:
         """The worked steps in order, e.g. ['p=7+5=12', 'x=12*2=24']."""
@@ -97,14 +103,16 @@ def _valid_ops(x: int) -> list[list[Op]]:
 def _random_problem(rng: random.Random, level: int) -> Problem:
     x = start = rng.randint(0, MAX_VALUE)
     ops = []
-    for _ in range(level):
+    n_tail = rng.randint(0, min(TAIL, len(NAMES) - level - 1)) if TAIL else 0
+    for _ in range(level + n_tail):
         op = rng.choice(rng.choice(_valid_ops(x)))
         ops.append(op)
         x = op.apply(x)
-    order = list(range(level))
+    order = list(range(level + n_tail))
     if SHUFFLE:
         rng.shuffle(order)
-    return Problem(start, tuple(ops), tuple(rng.sample(NAMES, level + 1)), tuple(order))
+    names = tuple(rng.sample(NAMES, level + n_tail + 1))
+    return Problem(start, tuple(ops[:level]), names, tuple(order), tuple(ops[level:]))
 
 
 def _split_of(problem: Problem) -> str:
