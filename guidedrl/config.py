@@ -134,6 +134,12 @@ class RolloutConfig(Strict):
     """Stop strings; the completion is cut after the first one (finish reason `stop`)."""
     batch_size: int = Field(256, ge=1)
     """Sequences generated together (memory knob)."""
+    static_cache: bool | None = None
+    """Decode over a preallocated KV cache with one compiled step (a CUDA graph on GPU; see
+    guidedrl.rollout.static). None = on CUDA when `stop` is empty."""
+    compile_decode: bool | None = None
+    """Compile the static path's decode step with torch.compile (a CUDA graph on GPU, inductor's C++
+    kernels on CPU; a one-off compile of seconds per batch shape). None = on CUDA only."""
 
 
 # ----------------------------------------------------------------------------- reward

@@ -1,7 +1,8 @@
 """Per-token log-probs (and entropy, values) of the response tokens of a Batch.
 
 The full-vocabulary logits are never materialized for the whole batch: the trunk's hidden states
-are projected through the LM head a chunk of positions at a time, in float32.
+are projected through the LM head a chunk of positions at a time, in float32, and under autograd
+each chunk is checkpointed (recomputed in the backward), so training keeps one chunk of logits.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from guidedrl.models import trunk_and_head
 from guidedrl.types import Batch
@@ -38,32 +40,68 @@ def response_hidden(model: nn.Module, batch: Batch) -> Tensor:
     return h[:, P - 1 : P - 1 + R]  # column P+j is predicted by hidden state at P+j-1
 
 
+def _chunk_stats(
+    head: nn.Module, hidden: Tensor, targets: Tensor, temperature: float, entropy: str, vocab_mean: bool
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """One chunk: hidden (B, c, H), targets (B, c) -> log-probs (B, c) [, entropy (B, c), mean (B, c)].
+
+    entropy: "" (none), "grad" (differentiable) or "metric" (computed without a graph: when the
+    entropy is only logged, its backward and the (B, c, V) tensors it would keep are skipped).
+    """
+    logits = head(hidden).float()  # (B, c, V) float32, this chunk only
+    if temperature != 1.0:  # a division by 1 is a full (B, c, V) pass for nothing
+        logits = logits / temperature
+    logp = logits.log_softmax(-1)
+    lp = logp.gather(-1, targets[..., None]).squeeze(-1)
+    ent = None
+    if entropy == "grad":
+        ent = -(logp.exp() * logp).sum(-1)
+    elif entropy == "metric":
+        with torch.no_grad():
+            d = logp.detach()
+            ent = -(d.exp() * d).sum(-1)
+    return lp, ent, logp.mean(-1) if vocab_mean else None
+
+
 def token_logprobs(
     head: nn.Module,
     hidden: Tensor,
     targets: Tensor,
     *,
     temperature: float = 1.0,
-    entropy: bool = False,
+    entropy: bool | str = False,
     vocab_mean: bool = False,
-    chunk_tokens: int = 8192,
+    chunk_bytes: int = 2**30,
+    chunk_tokens: int | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
-    """hidden (B, R, H), targets (B, R) -> log-probs (B, R) [, entropy (B, R), vocab-mean log-prob (B, R)]."""
+    """hidden (B, R, H), targets (B, R) -> log-probs (B, R) [, entropy (B, R), vocab-mean log-prob (B, R)].
+
+    entropy: False, True / "grad" (differentiable) or "metric" (no gradient through it).
+    Chunks hold at most `chunk_bytes` of float32 logits (or `chunk_tokens` tokens); with more than
+    one chunk and gradients on, each chunk is checkpointed: its (B, c, V) logits are recomputed in
+    the backward instead of kept, so the peak is one chunk, not the whole (B, R, V) (one extra head
+    matmul per chunk). The values are the same either way.
+    """
     B, R, _ = hidden.shape
-    step = max(1, chunk_tokens // max(B, 1))
+    V = getattr(head, "out_features", None) or head.weight.shape[0]
+    tokens = chunk_tokens if chunk_tokens is not None else max(1, chunk_bytes // (4 * V))
+    step = max(1, tokens // max(B, 1))
+    mode = "grad" if entropy is True else (entropy or "")
+    recompute = torch.is_grad_enabled() and step < R
     lps, ents, means = [], [], []
     for s in range(0, R, step):
-        logits = head(hidden[:, s : s + step]).float() / temperature  # (B, c, V) float32, one chunk only
-        logp = logits.log_softmax(-1)
-        lps.append(logp.gather(-1, targets[:, s : s + step, None]).squeeze(-1))
-        if entropy:
-            ents.append(-(logp.exp() * logp).sum(-1))
-        if vocab_mean:
-            means.append(logp.mean(-1))
+        args = (head, hidden[:, s : s + step], targets[:, s : s + step], temperature, mode, vocab_mean)
+        if recompute:
+            lp, ent, vm = checkpoint(_chunk_stats, *args, use_reentrant=False)
+        else:
+            lp, ent, vm = _chunk_stats(*args)
+        lps.append(lp)
+        ents.append(ent)
+        means.append(vm)
     return (
         torch.cat(lps, 1),
-        torch.cat(ents, 1) if entropy else None,
-        torch.cat(means, 1) if vocab_mean else None,
+        torch.cat(ents, 1) if mode else None,  # type: ignore[arg-type]
+        torch.cat(means, 1) if vocab_mean else None,  # type: ignore[arg-type]
     )
 
 
@@ -72,7 +110,7 @@ def policy_outputs(
     batch: Batch,
     *,
     temperature: float = 1.0,
-    entropy: bool = False,
+    entropy: bool | str = False,
     vocab_mean: bool = False,
     value_head: nn.Module | None = None,
 ) -> PolicyOutputs:

@@ -52,7 +52,7 @@ class Objective:
         """Loss of one micro-batch, already scaled so that micro-batch losses sum to the batch loss."""
         c = self.cfg
         out = policy_outputs(
-            model, mb, temperature=self.temperature, entropy=True,
+            model, mb, temperature=self.temperature, entropy="grad" if c.entropy_coef else "metric",
             vocab_mean="vocab_mean" in self.needs, value_head=value_head,
         )
         assert mb.advantages is not None, "advantages must be computed before the update"

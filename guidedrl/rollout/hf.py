@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from guidedrl.config import RolloutConfig
 from guidedrl.models import unwrap
 from guidedrl.rollout.base import Generation, GenRequest
+from guidedrl.rollout.static import StaticDecoder
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -40,8 +41,13 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 class HFEngine:
     """Samples continuations with a transformers causal LM (CPU or one GPU)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cfg: RolloutConfig) -> None:
+    def __init__(self, model: nn.Module, tokenizer: Any, cfg: RolloutConfig, *, share_prefill: bool = True) -> None:
+        """share_prefill: prefill a context once for all its adjacent copies and expand its KV cache
+        (off only to check that it changes nothing)."""
         self.model = model
+        self.share_prefill = share_prefill
+        self._static_decoder: StaticDecoder | None = None
+        self._device_gen: torch.Generator | None = None
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.pad_id = tokenizer.pad_token_id
@@ -88,32 +94,86 @@ class HFEngine:
             self.model.train(was_training)
         return out
 
+    def _use_static(self) -> bool:
+        """The static-cache path: asked for, or by default on CUDA; never with stop strings."""
+        want = self.cfg.static_cache if self.cfg.static_cache is not None else self.device.type == "cuda"
+        attn = getattr(unwrap(self.model).config, "_attn_implementation", None)
+        return bool(want) and not self.cfg.stop and attn in ("sdpa", "eager", None)
+
+    def _static(self) -> StaticDecoder:
+        if self._static_decoder is None:
+            want = self.cfg.compile_decode
+            self._static_decoder = StaticDecoder(
+                self.model, unwrap(self.model).config, self._cache_kw,
+                compile_step=self.device.type == "cuda" if want is None else want,
+            )
+        return self._static_decoder
+
+    def _prefill(self, contexts: list[list[int]]) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+        """Prefill each distinct context once (a group's G rows share one prompt).
+
+        -> (attn (U, P), pos (U, P), inverse (B,) row -> distinct context, last logits (U, V), cache).
+        """
+        dev = self.device
+        inverse, uniq = [], []
+        for c in contexts:
+            if not (self.share_prefill and uniq and uniq[-1] == c):  # G copies of a request are adjacent
+                uniq.append(c)
+            inverse.append(len(uniq) - 1)
+        U, P = len(uniq), max(len(c) for c in uniq)
+        ids = torch.full((U, P), self.pad_id, dtype=torch.long)
+        attn = torch.zeros((U, P), dtype=torch.long)
+        for u, c in enumerate(uniq):
+            ids[u, P - len(c) :] = torch.tensor(c, dtype=torch.long)
+            attn[u, P - len(c) :] = 1
+        ids, attn = ids.to(dev), attn.to(dev)
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (U, P) left-padding-safe positions
+        res = self.model(
+            input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
+            **{self._cache_kw: None},
+        )
+        inv = torch.tensor(inverse, dtype=torch.long, device=dev)
+        return attn, pos, inv, res.logits[:, -1, :], getattr(res, self._cache_kw)
+
     def _generate_rows(self, contexts: list[list[int]], max_new: int, temperature: float, gen: torch.Generator) -> list[Generation]:
         dev = self.device
-        B = len(contexts)
-        P = max(len(c) for c in contexts)
-        ids = torch.full((B, P), self.pad_id, dtype=torch.long)
-        attn = torch.zeros((B, P), dtype=torch.long)
-        for b, c in enumerate(contexts):
-            ids[b, P - len(c) :] = torch.tensor(c, dtype=torch.long)
-            attn[b, P - len(c) :] = 1
-        ids, attn = ids.to(dev), attn.to(dev)
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, P) left-padding-safe positions
+        attn_u, pos_u, inv, first, cache = self._prefill(contexts)
+        eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
+        if self._use_static():
+            if self._device_gen is None or self._device_gen.device != dev:
+                self._device_gen = torch.Generator(device=dev)
+            self._device_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
+            out_ids, out_lp = self._static().decode(
+                cache, first, attn_u, inv, max_new=max_new, min_new=self.cfg.min_new_tokens, temperature=temperature,
+                top_k=self.cfg.top_k, top_p=self.cfg.top_p, pad_id=self.pad_id, eos=eos, gen=self._device_gen,
+            )
+            lengths, reason = _ends(out_ids, eos)
+            return self._finish(out_ids, out_lp, lengths, reason)
+        for layer in cache.layers:
+            layer.batch_select_indices(inv)  # (U, ...) -> (B, ...): the shared prompt's KV, expanded
+        return self._decode_loop(first[inv], cache, attn_u[inv], pos_u[inv], max_new, temperature, gen)
+
+    def _decode_loop(
+        self, first: Tensor, cache: Any, attn: Tensor, pos: Tensor, max_new: int, temperature: float, gen: torch.Generator
+    ) -> list[Generation]:
+        """The plain loop: one model call per token through Python, sampling from the seeded CPU generator."""
+        dev = self.device
+        B = attn.shape[0]
         out_ids = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         reason = ["length"] * B
         lengths = [max_new] * B
-        cache = None
-        step_ids, step_pos = ids, pos
         eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
+        raw = first  # (B, V) logits of the prefill's last position
         for t in range(max_new):
-            res = self.model(
-                input_ids=step_ids, attention_mask=attn, position_ids=step_pos,
-                use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-            )
-            cache = getattr(res, self._cache_kw)
-            logits = res.logits[:, -1, :].float() / temperature  # (B, V)
+            if t > 0:
+                res = self.model(
+                    input_ids=out_ids[:, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+                )
+                cache, raw = getattr(res, self._cache_kw), res.logits[:, -1, :]
+            logits = raw.float() / temperature  # (B, V)
             if t < self.cfg.min_new_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
             logp = logits.log_softmax(-1)  # (B, V)
@@ -130,9 +190,7 @@ class HFEngine:
                 self._check_stops(out_ids, t, done, reason, lengths)
             if bool(done.all()):
                 break
-            step_ids = nxt[:, None]
             attn = torch.cat([attn, attn.new_ones((B, 1))], dim=1)  # finished rows keep decoding pads; ignored
-            step_pos = pos[:, -1:] + t + 1
         return self._finish(out_ids, out_lp, lengths, reason)
 
     def _check_stops(self, out_ids: Tensor, t: int, done: Tensor, reason: list[str], lengths: list[int]) -> None:
@@ -162,3 +220,15 @@ class HFEngine:
             if any(s in self.tokenizer.decode(ids[:k]) for s in self.cfg.stop):
                 return ids[:k], lps[:k]
         return ids, lps
+
+
+def _ends(out_ids: Tensor, eos: Tensor) -> tuple[list[int], list[str]]:
+    """Lengths and finish reasons from generated ids (B, N): a row ends at its first eos, if any."""
+    N = out_ids.shape[1]
+    if not eos.numel():
+        return [N] * out_ids.shape[0], ["length"] * out_ids.shape[0]
+    is_eos = torch.isin(out_ids, eos)  # (B, N)
+    hit = is_eos.any(-1).cpu().tolist()
+    first = is_eos.int().argmax(-1).cpu().tolist()
+    lengths = [f + 1 if h else N for f, h in zip(first, hit, strict=True)]
+    return lengths, ["eos" if h else "length" for h in hit]

@@ -1,0 +1,179 @@
+"""Every fast path against the plain path it replaces (CPU, float32).
+
+- shared-prompt prefill (one prefill per group, KV expanded G times) vs one prefill per row:
+  the same samples under the same seed, log-probs to 1e-5;
+- the static-cache decode (uncompiled here; compiled on GPU in tests/gpu) vs the plain loop:
+  token for token under greedy decoding, log-probs to 1e-4, behaviour log-probs = a fresh forward;
+- grouped decode attention vs transformers' sdpa over repeated KV heads;
+- the inverse-CDF sampler draws from the right distribution;
+- chunked selected-token log-probs / entropy vs the full-vocabulary reference;
+- skipped work: no old-log-prob pass with one epoch, no reference model without KL.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from guidedrl.batch import collate
+from guidedrl.config import RolloutConfig, load_config
+from guidedrl.logprobs import token_logprobs
+from guidedrl.models import render_prompt
+from guidedrl.parts import build_parts
+from guidedrl.rollout.base import GenRequest
+from guidedrl.rollout.collect import Plan, to_completion
+from guidedrl.rollout.hf import HFEngine
+from guidedrl.rollout.static import grouped_decode_attention, inverse_cdf_sample
+from guidedrl.train import StepState, seed_everything, train_step
+from guidedrl.types import Sample
+
+
+def _reqs(tok) -> list[GenRequest]:
+    prompts = ["What is 2+3?", "Hi", "Start at 3. Add 4. Times 2."]  # unequal lengths: left padding
+    ctxs = [render_prompt(tok, Sample(id=str(i), prompt=p), chat=True) for i, p in enumerate(prompts)]
+    prefix = tok("Start", add_special_tokens=False)["input_ids"]
+    return [GenRequest(ctxs[0], n=4), GenRequest(ctxs[1], n=3, prefix=prefix), GenRequest(ctxs[2], n=1)]
+
+
+def _flat(out):
+    return [x for g in out for x in g]
+
+
+def _max_lp_diff(a, b) -> float:
+    return max((abs(x - y) for ga, gb in zip(a, b, strict=True) for x, y in zip(ga.logprobs, gb.logprobs, strict=True)),
+               default=0.0)
+
+
+def test_shared_prefill_gives_the_same_samples_as_one_prefill_per_row(tiny) -> None:
+    model, tok = tiny
+    cfg = RolloutConfig(max_new_tokens=16, temperature=0.9, top_p=0.95, static_cache=False)
+    shared = HFEngine(model, tok, cfg).generate(_reqs(tok), seed=7)
+    per_row = HFEngine(model, tok, cfg, share_prefill=False).generate(_reqs(tok), seed=7)
+    a, b = _flat(shared), _flat(per_row)
+    assert [x.ids for x in a] == [x.ids for x in b]
+    assert [x.finish_reason for x in a] == [x.finish_reason for x in b]
+    assert _max_lp_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("min_new", [0, 10])
+def test_static_decode_equals_the_plain_loop_greedily(tiny, min_new: int) -> None:
+    model, tok = tiny
+    bias = torch.zeros(model.config.vocab_size)
+    bias[tok.eos_token_id] = 2.5  # eos is argmax for some rows at some steps: both finish reasons occur
+    h = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
+    try:
+        kw = dict(max_new_tokens=14, min_new_tokens=min_new, top_k=1)
+        plain = _flat(HFEngine(model, tok, RolloutConfig(static_cache=False, **kw)).generate(_reqs(tok), seed=0))
+        fast = _flat(HFEngine(model, tok, RolloutConfig(static_cache=True, **kw)).generate(_reqs(tok), seed=0))
+    finally:
+        h.remove()
+    assert [x.ids for x in plain] == [x.ids for x in fast]
+    assert [x.finish_reason for x in plain] == [x.finish_reason for x in fast]
+    assert _max_lp_diff(plain, fast) < 1e-4
+    if min_new:
+        assert all(len(x.ids) >= min_new for x in fast)
+
+
+def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(tiny) -> None:
+    from guidedrl.logprobs import policy_outputs
+
+    model, tok = tiny
+    eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=0.7, top_k=40, static_cache=True))
+    reqs = _reqs(tok)
+    out = eng.generate(reqs, seed=1)
+    assert [x.ids for x in _flat(out)] == [x.ids for x in _flat(eng.generate(reqs, seed=1))]
+    assert [x.ids for x in _flat(out)] != [x.ids for x in _flat(eng.generate(reqs, seed=2))]
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    with torch.no_grad():
+        lp = policy_outputs(model, b, temperature=0.7).logprobs
+    sampled = b.mask > 0  # forced-prefix tokens carry 0.0, not a model log-prob
+    assert torch.allclose(lp[sampled], b.old_logprobs[sampled], atol=1e-4)
+
+
+def test_stop_strings_use_the_plain_loop(tiny) -> None:
+    model, tok = tiny
+    assert not HFEngine(model, tok, RolloutConfig(static_cache=True, stop=["e"]))._use_static()
+    assert HFEngine(model, tok, RolloutConfig(static_cache=True))._use_static()
+    assert not HFEngine(model, tok, RolloutConfig())._use_static(), "default on CPU is the plain loop"
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_grouped_decode_attention_matches_sdpa_over_repeated_heads(q_len: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    B, Hq, Hkv, L, D = 3, 6, 2, 9, 8
+    q = torch.randn(B, Hq, q_len, D, generator=g)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    visible = torch.rand(B, 1, q_len, L, generator=g) > 0.3
+    visible[..., 0] = True  # every query sees at least one key
+    mask = torch.zeros(B, 1, q_len, L).masked_fill(~visible, torch.finfo(torch.float32).min)
+    out, _ = grouped_decode_attention(torch.nn.Module(), q, k, v, mask, scaling=0.3)
+    rep = Hq // Hkv  # transformers' repeat_kv: query head h reads KV head h // rep
+    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
+                                         scale=0.3)
+    assert out.shape == (B, q_len, Hq, D)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+
+
+def test_inverse_cdf_sampler_samples_the_distribution() -> None:
+    # the first k with cum[k] >= u * total has probability p_k; 40k draws: std of a share <= 0.0025
+    p = torch.tensor([0.0, 0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero mass first, inside and last
+    g = torch.Generator().manual_seed(0)
+    n = 40_000
+    u = 1.0 - torch.rand(n, 1, generator=g)  # U(0, 1], as the decoder draws it
+    picks = inverse_cdf_sample((3.0 * p).expand(n, 7), u)  # unnormalized on purpose
+    freq = torch.bincount(picks, minlength=7).float() / n
+    assert torch.allclose(freq, p, atol=0.012)
+    assert freq[p == 0].sum() == 0.0, "a zero-probability token is never drawn"
+    edge = inverse_cdf_sample(p[None], torch.tensor([[1.0]]))  # u = 1: the last token with mass
+    assert edge.item() == 5
+
+
+def test_chunked_logprobs_and_entropy_match_the_full_vocabulary_reference() -> None:
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden, targets = torch.randn(3, 7, 16, generator=g), torch.randint(0, 50, (3, 7), generator=g)
+    lp, ent, vm = token_logprobs(head, hidden, targets, temperature=0.8, entropy=True, vocab_mean=True, chunk_tokens=6)
+    full = (head(hidden).float() / 0.8).log_softmax(-1)  # (3, 7, 50): the plain path
+    assert torch.allclose(lp, full.gather(-1, targets[..., None]).squeeze(-1), atol=1e-5)
+    assert torch.allclose(ent, -(full.exp() * full).sum(-1), atol=1e-5)
+    assert torch.allclose(vm, full.mean(-1), atol=1e-5)
+
+
+def test_checkpointed_chunks_give_the_gradients_of_the_full_vocabulary_loss() -> None:
+    g = torch.Generator().manual_seed(1)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(3, 7, 16, generator=g, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7), generator=g)
+    weights = torch.randn(3, 7, generator=g)
+
+    def grads(**kw):
+        head.zero_grad()
+        hidden.grad = None
+        lp, ent, _ = token_logprobs(head, hidden, targets, temperature=0.8, **kw)
+        ((lp * weights).sum() - 0.1 * ent.sum()).backward()
+        return lp.detach(), ent.detach(), hidden.grad.clone(), head.weight.grad.clone()
+
+    full = grads(entropy=True, chunk_tokens=10_000)  # one chunk: no recomputation
+    chunked = grads(entropy=True, chunk_tokens=6)  # 3 chunks of 2 positions, each checkpointed
+    for a, b in zip(full, chunked, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+    lp, ent, _ = token_logprobs(head, hidden, targets, temperature=0.8, entropy="metric", chunk_tokens=6)
+    assert not ent.requires_grad and torch.allclose(ent, full[1], atol=1e-6), "a logged entropy needs no graph"
+    assert torch.allclose(lp.detach(), full[0])
+
+
+def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monkeypatch) -> None:
+    import guidedrl.train as T
+
+    calls = []
+    monkeypatch.setattr(T, "recompute_old", lambda *a, **k: calls.append(1))
+    cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
+                             "rollout.max_new_tokens=6", "rollout.group_size=2", "train.prompts_per_step=2"])
+    seed_everything(0)
+    parts = build_parts(cfg)
+    assert parts.ref is None
+    train_step(parts, StepState())
+    assert calls == []
