@@ -73,7 +73,7 @@ class BaseRecipe:
         """A short stable hash of every setting and of the task generator's settings (its data)."""
         from guidedrl.data.tasks import arith
 
-        task = [arith.MAX_VALUE, arith.NAMES, arith.SHUFFLE, arith.TAIL, arith.TEST_SHARE]
+        task = [arith.MAX_VALUE, arith.NAMES, arith.SHUFFLE, arith.TAIL, arith.TEST_SHARE, arith.QUERY_NAME]
         blob = json.dumps([dataclasses.asdict(self), task], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -335,6 +335,10 @@ def build_base(
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
+    threads = torch.get_num_threads()
+    # One thread: the build's float reductions then happen in one order whatever the core count,
+    # so the same recipe gives the same model (and the properties in docs/results.md) here and in CI.
+    torch.set_num_threads(1)
     try:
         t0 = time.perf_counter()
         tok = make_tokenizer()
@@ -353,7 +357,7 @@ def build_base(
             "params": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(train_s, 1),
             "build_seconds": round(time.perf_counter() - t0, 1),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": 1,
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "properties": props,
         }
@@ -363,6 +367,7 @@ def build_base(
             shutil.rmtree(final)
         os.rename(tmp, final)
     finally:
+        torch.set_num_threads(threads)
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -200,10 +200,18 @@ def comparison_tables(summaries: dict[str, list[dict[str, float]]]) -> list[Tabl
             for label, runs in summaries.items()]
     tables = [TableData(head, rows, "Final results (mean ± std over seeds)")]
     if levels:
-        lhead = ["recipe"] + [f"L{lv} {name}" for lv in levels for _, name in pk]
-        lrows = [[label] + [col(runs, f"eval/L{lv}/{name}") for lv in levels for _, name in pk]
-                 for label, runs in summaries.items()]
-        tables.append(TableData(lhead, lrows, "Final evaluation per level (mean ± std over seeds)"))
+        def moved(runs: list[dict[str, float]], key: str) -> str:
+            before = [s[f"before/{key}"] for s in runs if f"before/{key}" in s]
+            return (f"{np.mean(before):.2f} → " if before else "") + col(runs, key, 2)
+
+        lhead = ["recipe"] + [f"L{lv}" for lv in levels]
+        lrows = [[label] + [moved(runs, f"eval/L{lv}/pass@1") for lv in levels] for label, runs in summaries.items()]
+        tables.append(TableData(lhead, lrows, "Unguided pass@1 per level: before → after training (after: mean ± std over seeds)"))
+        if len(pk) > 1:
+            name = pk[1][1]
+            khead = ["recipe"] + [f"L{lv} {name}" for lv in levels]
+            krows = [[label] + [col(runs, f"eval/L{lv}/{name}", 2) for lv in levels] for label, runs in summaries.items()]
+            tables.append(TableData(khead, krows, f"Final {name} per level (mean ± std over seeds)"))
     return tables
 
 

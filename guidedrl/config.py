@@ -123,7 +123,8 @@ class RolloutConfig(Strict):
     backend: Literal["hf"] = "hf"
     group_size: int = Field(8, ge=1)
     """G: completions per prompt."""
-    max_new_tokens: int = Field(64, ge=1)
+    max_new_tokens: int = Field(80, ge=1)
+    """Generation budget; 80 fits the embedded arith task's longest worked solution (67 characters + eos)."""
     min_new_tokens: int = Field(0, ge=0)
     """Forces at least this many tokens (benchmarks force a fixed length)."""
     temperature: float = Field(1.0, gt=0)

@@ -72,7 +72,8 @@ def summarize_run(rows: Rows) -> dict[str, float]:
 
     `steps`: training rows; `time/train`: sum of `time/step` (seconds, evaluation excluded);
     `tokens/generated`: sum over steps; `guide/guided_share`: mean over steps; `reward/last`: the
-    last `reward/mean`; every `eval/...` key: its value at the last step it was logged.
+    last `reward/mean`; every `eval/...` key: its value at the last step it was logged, and as
+    `before/eval/...` its value before training (step -1) when it was logged then.
     """
     train = [r for r in rows if r["step"] >= 0 and "reward/mean" in r]
     out: dict[str, float] = {"steps": float(len({r["step"] for r in train}))}
@@ -84,9 +85,11 @@ def summarize_run(rows: Rows) -> dict[str, float]:
     if reward:
         out["reward/last"] = reward[-1]
     for key in sorted((k for k in keys_of(rows) if k.startswith("eval/")), key=lambda k: ("/L" in k, k)):
-        vals = series(rows, key)[1]
+        steps, vals = series(rows, key)
         if vals:
             out[key] = vals[-1]
+            if steps[0] < 0:  # logged before training too: keep that value for before/after tables
+                out[f"before/{key}"] = vals[0]
     return out
 
 

@@ -1,12 +1,12 @@
 """`arith`: the embedded procedural task family (chains of small-integer operations).
 
 A problem defines a start variable and a chain of variables, each one operation away from another;
-the answer is the value of the last one. The definitions after the start are listed in random
-order, so the chain has to be followed by name (a skill that carries over to longer chains) rather
-than by position in the prompt (which does not):
+the answer is the value of the last one, which is always called `z`. The definitions after the start
+are listed in random order, so the chain has to be followed by name (a skill that carries over to
+longer chains) rather than by position in the prompt (which does not):
 
-    prompt     "k=7. q=x-3. p=k+5. x=p*2. q=?\n"
-    reference  "p=7+5=12 x=12*2=24 q=24-3=21 #### 21"
+    prompt     "k=7. z=x-3. p=k+5. x=p*2. z=?\n"
+    reference  "p=7+5=12 x=12*2=24 z=24-3=21 #### 21"
     hints      ["Hint: p=7+5=12\n", "Hint: p=7+5=12\n"]        (level 3: first step; first half)
 
 Level `l` needs exactly `l` steps, so higher levels need longer reasoning, not bigger numbers: every
@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from guidedrl.errors import ConfigError
 from guidedrl.types import Sample
 
-LEVELS: int = 6
+LEVELS: int = 7
 """The number of difficulty levels; level l needs l operations."""
 MAX_VALUE = 29
 """Every start and intermediate value lies in 0..MAX_VALUE."""
@@ -45,7 +45,11 @@ NAMES = "abcdefghijkmnpqrstuvwxyz"
 """Variable names (no l or o, which look like digits)."""
 SHUFFLE = True
 """List the definitions after the start in random order, so the chain must be followed by name."""
-TAIL = 2
+QUERY_NAME: str | None = "z"
+"""The asked-for variable always has this name (None: a random one). A solver then stops after
+the step that defines it, a rule that holds at any chain length, where a random name lets a small
+model learn "stop after as many steps as the easy levels have" instead."""
+TAIL = 0
 """Up to TAIL more definitions continue the chain past the queried variable, so the number of
 definitions does not give the number of steps: a solver has to stop when it reaches the query."""
 
@@ -103,7 +107,7 @@ def _valid_ops(x: int) -> list[list[Op]]:
 def _random_problem(rng: random.Random, level: int) -> Problem:
     x = start = rng.randint(0, MAX_VALUE)
     ops = []
-    n_tail = rng.randint(0, min(TAIL, len(NAMES) - level - 1)) if TAIL else 0
+    n_tail = rng.randint(0, min(TAIL, len(NAMES) - level - 2)) if TAIL else 0
     for _ in range(level + n_tail):
         op = rng.choice(rng.choice(_valid_ops(x)))
         ops.append(op)
@@ -111,8 +115,11 @@ def _random_problem(rng: random.Random, level: int) -> Problem:
     order = list(range(level + n_tail))
     if SHUFFLE:
         rng.shuffle(order)
-    names = tuple(rng.sample(NAMES, level + n_tail + 1))
-    return Problem(start, tuple(ops[:level]), names, tuple(order), tuple(ops[level:]))
+    pool = NAMES.replace(QUERY_NAME, "") if QUERY_NAME else NAMES
+    names = list(rng.sample(pool, level + n_tail + 1))
+    if QUERY_NAME:
+        names[level] = QUERY_NAME
+    return Problem(start, tuple(ops[:level]), tuple(names), tuple(order), tuple(ops[level:]))
 
 
 def _split_of(problem: Problem) -> str:
