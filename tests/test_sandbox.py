@@ -233,6 +233,8 @@ def test_registry_binds_code_reward() -> None:
     assert totals == [1.0, 0.0] and infos[1]["code/reason"] == "test_failed"
     with pytest.raises(ConfigError, match=r"reward\.terms\[0\]\.args.*timeout"):  # a typo names the key
         build_reward([RewardTerm(name="code", args={"timeout": 5})], [])
+    with pytest.raises(ConfigError, match=r"reward\.terms\[0\]\.args.*memory_mb"):  # a bad value: at build time too
+        build_reward([RewardTerm(name="code", args={"memory_mb": 0})], [])
 
 
 TRAINER = """
