@@ -40,7 +40,13 @@ from guidedrl.errors import ConfigError
 from guidedrl.types import Sample
 
 INFO_FILE = "guidedrl_base.json"
-NAMES = ("arith",)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "arith": {},
+    "arith-teacher": {"sft_levels": (1, 2, 3, 4, 5, 6, 7), "steps": 600},
+}
+"""Built-in base models: name -> overrides of BASE_RECIPE. `arith-teacher` is SFT on every level
+(longer), the teacher/guide model that the ampo and rlgf_* recipes use on the embedded task."""
+NAMES = tuple(VARIANTS)
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
 
 
@@ -99,6 +105,12 @@ def _check_name(name: str) -> None:
         raise ConfigError(f"builtin base model `{name}` does not exist; known: {', '.join(NAMES)}")
 
 
+def _named(name: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """The variant's own overrides, then the caller's."""
+    _check_name(name)
+    return {**VARIANTS[name], **(overrides or {})}
+
+
 def cache_root() -> Path:
     """`$GUIDEDRL_CACHE`, default `~/.cache/guidedrl`."""
     return Path(os.environ.get("GUIDEDRL_CACHE", "~/.cache/guidedrl")).expanduser()
@@ -107,7 +119,7 @@ def cache_root() -> Path:
 def base_path(name: str = "arith", overrides: dict[str, Any] | None = None) -> Path:
     """Where the base model `name` built with BASE_RECIPE (+ overrides) is (or would be) cached."""
     _check_name(name)
-    return cache_root() / "base" / f"{name}-{_recipe(overrides).key()}"
+    return cache_root() / "base" / f"{name}-{_recipe(_named(name, overrides)).key()}"
 
 
 def _is_built(path: Path) -> bool:
@@ -329,7 +341,7 @@ def build_base(
     """
     from transformers import AutoModelForCausalLM
 
-    recipe = _recipe(overrides)
+    recipe = _recipe(_named(name, overrides))
     final = base_path(name, overrides)
     if _is_built(final) and not force:
         return final
@@ -382,8 +394,9 @@ def ensure_base(name: str = "arith", progress: bool = True, overrides: dict[str,
 def base_info(name: str = "arith", overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Path, whether it is built, parameter count, build settings and time, measured properties."""
     path = base_path(name, overrides)
-    recipe = _recipe(overrides)
-    info: dict[str, Any] = {"name": name, "path": str(path), "built": _is_built(path), "recipe": dataclasses.asdict(recipe)}
+    recipe = _recipe(_named(name, overrides))
+    recipe_json = json.loads(json.dumps(dataclasses.asdict(recipe)))  # tuples as lists, as in the info file
+    info: dict[str, Any] = {"name": name, "path": str(path), "built": _is_built(path), "recipe": recipe_json}
     if info["built"]:
         info.update(json.loads((path / INFO_FILE).read_text()))
         info["path"], info["built"] = str(path), True

@@ -136,7 +136,7 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("base", help="build / inspect the embedded base model", description="The tiny arith base model guidedrl builds itself and caches.")
     b.add_argument("action", choices=["build", "info"])
-    b.add_argument("--name", default="arith")
+    b.add_argument("--name", default="arith", help="arith (the policy base) or arith-teacher (SFT on every level; the teacher of ampo / rlgf_*)")
     b.add_argument("--force", action="store_true", help="rebuild even if cached")
     b.set_defaults(fn=cmd_base)
     return p

@@ -101,3 +101,13 @@ def test_measure_properties_reports_every_level(cache: Path) -> None:
     assert set(props["levels"]) == set(range(1, LEVELS + 1))
     for row in [*props["levels"].values(), props["half_prefix"], props["hint"]]:
         assert 0.0 <= row["pass@1"] <= row["pass@2"] <= 1.0
+
+
+def test_teacher_variant_is_trained_on_every_level(cache: Path) -> None:
+    from guidedrl.data.tasks.arith import LEVELS
+
+    path = build_base("arith-teacher", progress=False, overrides=SMALL)
+    info = base_info("arith-teacher", overrides=SMALL)
+    assert info["built"] and path.name.startswith("arith-teacher-") and path != base_path(overrides=SMALL)
+    assert info["recipe"]["sft_levels"] == list(range(1, LEVELS + 1)) and info["recipe"]["steps"] == 4
+    assert base_info(overrides=SMALL)["recipe"]["sft_levels"] == [1, 2]
