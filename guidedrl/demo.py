@@ -48,10 +48,11 @@ def demo(quick: bool = False, out: Path = Path("runs/demo"), steps: int | None =
     n = steps if steps is not None else size["steps"]
     out = out / ("quick" if quick else "full")
     compare(["grpo", GUIDED], overrides=demo_overrides(quick, n), steps=n, seeds=[0], out=out)
+    console.print(f"\n[bold]demo finished in {time.perf_counter() - t0:.0f} s[/]. Report: {out / 'report.html'}")
     console.print(
-        f"\n[bold]demo finished in {time.perf_counter() - t0:.0f} s[/]. Report: {out / 'report.html'}\n"
-        "On the hard levels plain GRPO rarely sees a correct answer, so it has no signal there; the guided\n"
-        f"recipe ({GUIDED}) puts a worked solution into each group and learns from it. Compare the per-level\n"
-        "pass@1 columns above (evaluated without guidance)."
+        "What to look at: the per-level table (evaluated without guidance). On the hard levels plain GRPO "
+        "rarely samples a correct answer, so it gets no signal there; the guided recipe "
+        f"({GUIDED}) puts a worked solution into every group. Whether that helps within this small "
+        "budget is what the table shows; docs/results.md has 3-seed runs and what they found."
     )
     return 0
