@@ -25,7 +25,7 @@ SETTINGS = [
 
 FULL = {"steps": 60, "eval_limit": 120, "eval_samples": 4, "eval_every": 20}
 QUICK = {"steps": 12, "eval_limit": 48, "eval_samples": 2, "eval_every": 0}
-"""The budget of the demo; `--quick` shrinks it to a ~2 minute version."""
+"""The budget of the demo (measured: ~3 min on 2 cores with the base cached); `--quick`: ~25 s."""
 
 
 def demo_overrides(quick: bool, steps: int) -> list[str]:
