@@ -129,7 +129,7 @@ def parser() -> argparse.ArgumentParser:
     rp.set_defaults(fn=cmd_report)
 
     d = sub.add_parser("demo", help="the embedded demo (offline, CPU)", description="Build or load the tiny arith base model, run GRPO and a guided recipe on mixed-difficulty problems, evaluate before/after and write a report.")
-    d.add_argument("--quick", action="store_true", help="a <= 2 minute version")
+    d.add_argument("--quick", action="store_true", help="a version of under a minute (6 steps, small eval)")
     d.add_argument("--steps", type=int, default=None, help="override the number of steps")
     d.add_argument("--out", default="runs/demo")
     d.set_defaults(fn=cmd_demo)

@@ -28,7 +28,7 @@ SETTINGS = [
 
 FULL = {"steps": 120, "eval_limit": 140, "eval_samples": 4, "eval_every": 40}
 QUICK = {"steps": 6, "eval_limit": 48, "eval_samples": 2, "eval_every": 0}
-"""The budget of the demo (measured: ~3 min on 2 cores with the base cached); `--quick`: ~25 s."""
+"""The budget of the demo (measured: 9 min on 2 cores with the base cached); `--quick`: under a minute."""
 
 
 def demo_overrides(quick: bool, steps: int) -> list[str]:
