@@ -48,6 +48,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
 (longer), the teacher/guide model that the ampo and rlgf_* recipes use on the embedded task."""
 NAMES = tuple(VARIANTS)
 SPECIALS = ["<|pad|>", "<|bos|>", "<|eos|>", "<|unk|>"]
+CHARS = [c for c in string.printable if c not in "\t\r\x0b\x0c"]
+"""The tokenizer's characters: digits, letters, punctuation, ' ' and '\n' (one token each)."""
 
 
 @dataclass(frozen=True)
@@ -134,8 +136,7 @@ def make_tokenizer() -> Any:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    chars = [c for c in string.printable if c not in "\t\r\x0b\x0c"]  # digits, letters, punctuation, ' ', '\n'
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<|unk|>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")  # one token per character
     tok.decoder = decoders.Fuse()  # concatenate, no spaces between characters
@@ -401,6 +402,5 @@ def base_info(name: str = "arith", overrides: dict[str, Any] | None = None) -> d
         info.update(json.loads((path / INFO_FILE).read_text()))
         info["path"], info["built"] = str(path), True
     else:
-        tok_size = len(SPECIALS) + len([c for c in string.printable if c not in "\t\r\x0b\x0c"])
-        info["params"] = sum(p.numel() for p in make_model(recipe, tok_size).parameters())
+        info["params"] = sum(p.numel() for p in make_model(recipe, len(SPECIALS) + len(CHARS)).parameters())
     return info
