@@ -3,6 +3,8 @@ base model, or a tiny random config; LoRA via peft; dtype and device chosen auto
 
 from __future__ import annotations
 
+import inspect
+
 import os
 from pathlib import Path
 from typing import Any
@@ -206,6 +208,13 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The underlying transformers model (peft adapters stay injected in its layers)."""
     get_base = getattr(model, "get_base_model", None)
     return get_base() if callable(get_base) else model
+
+
+def cache_kwarg(module: nn.Module) -> str:
+    """The name of `module.forward`'s KV-cache argument (and output field): transformers renamed
+    `past_key_values` to `cache` in 5.2x; both releases are supported."""
+    params = inspect.signature(unwrap(module).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:

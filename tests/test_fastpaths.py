@@ -7,6 +7,8 @@
 - grouped decode attention vs transformers' sdpa over repeated KV heads;
 - the inverse-CDF sampler draws from the right distribution;
 - chunked selected-token log-probs / entropy vs the full-vocabulary reference;
+- the shared-prompt training forward (prompt once per group, KV expanded) vs every row's full
+  sequence: log-probs and every parameter's gradient to 1e-5;
 - skipped work: no old-log-prob pass with one epoch, no reference model without KL.
 """
 
@@ -91,6 +93,35 @@ def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(t
         lp = policy_outputs(model, b, temperature=0.7).logprobs
     sampled = b.mask > 0  # forced-prefix tokens carry 0.0, not a model log-prob
     assert torch.allclose(lp[sampled], b.old_logprobs[sampled], atol=1e-4)
+
+
+def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(tiny) -> None:
+    from guidedrl.logprobs import _shared_prompts, response_hidden
+
+    model, tok = tiny
+    eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
+    reqs = _reqs(tok)  # groups of 4, 3 (with a forced prefix) and 1, prompts of unequal length
+    out = eng.generate(reqs, seed=3)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    first, inverse = _shared_prompts(b)
+    assert sorted(first.tolist()) == [0, 4, 7], "3 distinct prompts over 8 rows, each found at its first row"
+    assert first[inverse].tolist() == [0] * 4 + [4] * 3 + [7]
+    weights = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run(share: bool):
+        model.zero_grad()
+        h = response_hidden(model, b, share_prompts=share)  # (B, R, H)
+        lp, _, _ = token_logprobs(model.get_output_embeddings(), h, b.response_ids)
+        (lp * b.response_mask * weights).sum().backward()
+        return lp.detach() * b.response_mask, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    lp_plain, g_plain = run(False)
+    lp_shared, g_shared = run(True)
+    assert torch.allclose(lp_plain, lp_shared, atol=1e-5)
+    for name, g in g_plain.items():
+        assert torch.allclose(g, g_shared[name], atol=1e-5), name
 
 
 def test_stop_strings_use_the_plain_loop(tiny) -> None:

@@ -12,14 +12,13 @@ it, as in verl and TRL).
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from guidedrl.config import RolloutConfig
-from guidedrl.models import unwrap
+from guidedrl.models import cache_kwarg, unwrap
 from guidedrl.rollout.base import Generation, GenRequest
 from guidedrl.rollout.static import StaticDecoder
 
@@ -53,9 +52,7 @@ class HFEngine:
         self.pad_id = tokenizer.pad_token_id
         eos = tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        # transformers renamed `past_key_values` to `cache` (5.2x); support both releases
-        params = inspect.signature(unwrap(model).forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_kwarg(model)
         self._stop_window = max((len(tokenizer(s, add_special_tokens=False)["input_ids"]) for s in cfg.stop), default=0)
 
     @property
