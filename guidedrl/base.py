@@ -61,10 +61,18 @@ class BaseRecipe:
     num_heads: int = 6
     num_kv_heads: int = 2
     intermediate_size: int = 512
-    sft_levels: tuple[int, ...] = (1, 2)
-    """The easy levels SFT sees (the hardest level needs several times more steps)."""
+    sft_levels: tuple[int, ...] = (1, 2, 3, 4)
+    """The easier levels SFT sees (the hardest, 7, needs almost twice the steps of the longest)."""
     steps: int = 400
     batch_size: int = 64
+    micro_batches: int = 4
+    """Each batch is sorted by length and cut into this many micro-batches, each padded only to its
+    own longest example (one optimizer step per batch; the loss is normalized over the whole batch's
+    tokens, so this saves padding work without changing the objective)."""
+    threads: int = 2
+    """Torch threads for the build, fixed (not the machine's core count): the float reductions then
+    happen in the same order on any machine, so a recipe gives the same weights wherever it is built
+    with the same torch and CPU kind."""
     lr: float = 2e-3
     warmup: int = 30
     weight_decay: float = 0.01
@@ -87,7 +95,7 @@ class BaseRecipe:
 
 
 BASE_RECIPE = BaseRecipe()
-"""The default build: ~1.2M parameters, SFT on arith levels 1-2 (chosen by the sweep in docs/results.md)."""
+"""The default build: ~1.2M parameters, SFT on arith levels 1-4 (chosen by the sweep in docs/results.md)."""
 
 
 def _recipe(overrides: dict[str, Any] | None) -> BaseRecipe:
@@ -210,6 +218,13 @@ def collate_sft(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tup
     return ids, attn, labels
 
 
+def _split(items: list[Any], parts: int) -> list[list[Any]]:
+    """`items` cut into `parts` consecutive runs of near-equal size (none empty)."""
+    parts = max(1, min(parts, len(items)))
+    bounds = [round(i * len(items) / parts) for i in range(parts + 1)]
+    return [items[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
 def lr_at(step: int, recipe: BaseRecipe) -> float:
     """Linear warmup over `warmup` steps, then cosine decay to 10% of `lr`."""
     if step < recipe.warmup:
@@ -232,15 +247,20 @@ def train_sft(model: nn.Module, tokenizer: Any, recipe: BaseRecipe, progress: bo
         task = bar.add_task("sft", total=recipe.steps, info="")
         for step in range(recipe.steps):
             pick = torch.randint(len(examples), (recipe.batch_size,), generator=gen).tolist()
-            ids, attn, labels = collate_sft([examples[i] for i in pick], tokenizer.pad_token_id)
+            batch = sorted((examples[i] for i in pick), key=lambda e: len(e[0]) + len(e[1]))
+            tokens = sum(len(r) for _, r in batch)  # the loss is a mean over the whole batch's tokens
             for group in opt.param_groups:
                 group["lr"] = lr_at(step, recipe)
-            loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            total = 0.0
+            for part in _split(batch, recipe.micro_batches):
+                ids, attn, labels = collate_sft(part, tokenizer.pad_token_id)
+                loss = model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=tokens).loss
+                loss.backward()
+                total += loss.detach().item()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
-            losses.append(loss.detach().item())
+            losses.append(total)
             bar.update(task, advance=1, info=f"loss {losses[-1]:.3f}")
     model.eval()
     return losses
@@ -349,9 +369,7 @@ def build_base(
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{time.time_ns()}"
     threads = torch.get_num_threads()
-    # One thread: the build's float reductions then happen in one order whatever the core count,
-    # so the same recipe gives the same model (and the properties in docs/results.md) here and in CI.
-    torch.set_num_threads(1)
+    torch.set_num_threads(recipe.threads)  # fixed, not the core count: see BaseRecipe.threads
     try:
         t0 = time.perf_counter()
         tok = make_tokenizer()
@@ -370,7 +388,7 @@ def build_base(
             "params": sum(p.numel() for p in model.parameters()),
             "train_seconds": round(train_s, 1),
             "build_seconds": round(time.perf_counter() - t0, 1),
-            "torch_threads": 1,
+            "torch_threads": recipe.threads,
             "final_loss": sum(losses[-20:]) / len(losses[-20:]),
             "properties": props,
         }

@@ -110,4 +110,21 @@ def test_teacher_variant_is_trained_on_every_level(cache: Path) -> None:
     info = base_info("arith-teacher", overrides=SMALL)
     assert info["built"] and path.name.startswith("arith-teacher-") and path != base_path(overrides=SMALL)
     assert info["recipe"]["sft_levels"] == list(range(1, LEVELS + 1)) and info["recipe"]["steps"] == 4
-    assert base_info(overrides=SMALL)["recipe"]["sft_levels"] == [1, 2]
+    assert base_info(overrides=SMALL)["recipe"]["sft_levels"] == [1, 2, 3, 4]
+
+
+def test_length_sorted_micro_batches_keep_the_whole_batch_objective() -> None:
+    # 3 examples with 2, 3 and 1 response tokens: the batch loss is the mean over all 6 tokens, so
+    # micro-batch losses normalized by the batch's 6 tokens must add up to the one-batch loss
+    assert base._split(list(range(7)), 3) == [[0, 1], [2, 3, 4], [5, 6]]
+    assert base._split([1, 2], 4) == [[1], [2]], "never an empty micro-batch"
+    tok = make_tokenizer()
+    recipe = base._recipe(SMALL)
+    model = base.make_model(recipe, len(tok))
+    examples = [([5, 6, 7], [8, 9]), ([5], [8, 9, 10]), ([5, 6], [2])]
+    whole = model(**dict(zip(("input_ids", "attention_mask", "labels"), base.collate_sft(examples, 0)))).loss
+    parts = 0.0
+    for part in base._split(sorted(examples, key=lambda e: len(e[0]) + len(e[1])), 2):
+        ids, attn, labels = base.collate_sft(part, 0)
+        parts += model(input_ids=ids, attention_mask=attn, labels=labels, num_items_in_batch=6).loss
+    assert torch.allclose(whole, parts, atol=1e-6)
