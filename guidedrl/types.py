@@ -149,6 +149,42 @@ class Batch:
             extras={k: v[idx] for k, v in self.extras.items()},
         )
 
+    def trimmed(self) -> "Batch":
+        """The same rows without columns that are padding in every row: leading prompt columns no
+        row attends to and response columns past the longest response. Every per-token value of
+        the kept columns is unchanged (positions are explicit), so log-probs and losses are too."""
+        P, R = self.prompt_len, self.response_ids.shape[1]
+        real = self.attention_mask[:, :P].any(0)  # (P,) prompt columns some row uses
+        lead = int(real.float().argmax()) if bool(real.any()) else P
+        keep_r = max(1, int(self.response_mask.sum(-1).max()))  # responses are right-padded
+        if lead == 0 and keep_r == R:
+            return self
+
+        def cut(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x[:, :keep_r]
+
+        return Batch(
+            input_ids=self.input_ids[:, lead : P + keep_r],
+            attention_mask=self.attention_mask[:, lead : P + keep_r],
+            position_ids=self.position_ids[:, lead : P + keep_r],
+            prompt_len=P - lead,
+            response_ids=self.response_ids[:, :keep_r],
+            mask=self.mask[:, :keep_r],
+            response_mask=self.response_mask[:, :keep_r],
+            old_logprobs=self.old_logprobs[:, :keep_r],
+            offpolicy=self.offpolicy[:, :keep_r],
+            sft=self.sft[:, :keep_r],
+            rewards=self.rewards,
+            group_ids=self.group_ids,
+            onpolicy_rows=self.onpolicy_rows,
+            recompute_rows=self.recompute_rows,
+            advantages=cut(self.advantages),
+            returns=cut(self.returns),
+            ref_logprobs=cut(self.ref_logprobs),
+            old_values=cut(self.old_values),
+            extras={k: v[:, :keep_r] for k, v in self.extras.items()},
+        )
+
 
 @dataclass
 class AdvantageInputs:

@@ -97,6 +97,19 @@ def _micro_slices(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
+def _length_sorted_micro_batches(batch: Batch, size: int) -> list[list[int]]:
+    """Rows cut into micro-batches of at most `size`, whole groups ordered by their longest row,
+    so that each trimmed micro-batch pads to a length close to its own rows' (and a group's rows,
+    which share a prompt, stay together for the shared-prompt forward). The losses reduce with
+    whole-batch normalizers, so the order of rows changes nothing but float summation order."""
+    lengths = batch.attention_mask.sum(-1)  # (B,) real tokens per row
+    longest: dict[int, int] = {}
+    for g, n in zip(batch.group_ids.tolist(), lengths.tolist(), strict=True):
+        longest[g] = max(longest.get(g, 0), n)
+    order = sorted(range(len(batch)), key=lambda i: (longest[int(batch.group_ids[i])], int(batch.group_ids[i]), i))
+    return [order[s : s + size] for s in range(0, len(order), size)]
+
+
 def _accumulate(metrics: dict[str, float], new: dict[str, float], share: float) -> None:
     for k, v in new.items():
         metrics[k] = metrics.get(k, 0.0) + (v if k.startswith(("loss/", "entropy", "kl")) else v * share)
@@ -120,8 +133,8 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {}
     finite = True
-    for rows in _micro_slices(len(batch), micro_batch_size):
-        loss, m = obj.micro_loss(model, batch.select(rows), red, ce_red, value_head)
+    for rows in _length_sorted_micro_batches(batch, micro_batch_size):
+        loss, m = obj.micro_loss(model, batch.select(rows).trimmed(), red, ce_red, value_head)
         if not torch.isfinite(loss):
             finite = False
             break

@@ -9,6 +9,7 @@
 - chunked selected-token log-probs / entropy vs the full-vocabulary reference;
 - the shared-prompt training forward (prompt once per group, KV expanded) vs every row's full
   sequence: log-probs and every parameter's gradient to 1e-5;
+- length-sorted, trimmed micro-batches vs one whole micro-batch: the same gradients to 1e-5;
 - skipped work: no old-log-prob pass with one epoch, no reference model without KL.
 """
 
@@ -122,6 +123,44 @@ def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(
     assert torch.allclose(lp_plain, lp_shared, atol=1e-5)
     for name, g in g_plain.items():
         assert torch.allclose(g, g_shared[name], atol=1e-5), name
+
+
+def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny) -> None:
+    from guidedrl.config import AlgoConfig
+    from guidedrl.logprobs import policy_outputs
+    from guidedrl.update import Objective, _length_sorted_micro_batches, optimizer_step
+
+    model, tok = tiny
+    eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0))
+    reqs = _reqs(tok)
+    out = eng.generate(reqs, seed=5)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    b.advantages = torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(0)) * b.mask  # (B, R)
+    # trimming drops only all-padding columns: the kept columns' log-probs are the same
+    row = int(b.attention_mask[:, : b.prompt_len].sum(-1).argmin())  # the shortest prompt
+    short = b.select([row]).trimmed()  # alone: its left padding goes
+    assert short.prompt_len < b.prompt_len and short.response_ids.shape[1] <= b.response_ids.shape[1]
+    with torch.no_grad():
+        full = policy_outputs(model, b.select([row])).logprobs
+        cut = policy_outputs(model, short).logprobs
+    assert torch.allclose(full[:, : cut.shape[1]] * short.response_mask, cut * short.response_mask, atol=1e-5)
+    rows = _length_sorted_micro_batches(b, 3)
+    assert sorted(r for mb in rows for r in mb) == list(range(len(b))) and max(map(len, rows)) <= 3
+    obj = Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.0)  # lr 0: the step leaves the weights, we read the gradients
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    def grads(micro: int) -> list[torch.Tensor]:
+        metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=micro, grad_clip=None)
+        assert finite
+        return [p.grad.clone() for p in params]
+
+    whole = grads(len(b))  # one micro-batch, nothing to trim
+    for a, c in zip(whole, grads(3), strict=True):  # 3 length-sorted, trimmed micro-batches
+        assert torch.allclose(a, c, atol=1e-5)
 
 
 def test_stop_strings_use_the_plain_loop(tiny) -> None:
