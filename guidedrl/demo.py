@@ -29,7 +29,8 @@ SETTINGS = [
 
 FULL = {"steps": 60, "eval_limit": 140, "eval_samples": 4, "eval_every": 30}
 QUICK = {"steps": 6, "eval_limit": 48, "eval_samples": 2, "eval_every": 0}
-"""The budget of the demo (measured: 9 min on 2 cores with the base cached); `--quick`: under a minute."""
+"""The budget of the demo (measured 2026-11-24: 322 s on 2 cores with the base cached, plus 210 s to build
+the base on the first run); `--quick`: under a minute."""
 
 
 def demo_overrides(quick: bool, steps: int) -> list[str]:
@@ -54,8 +55,8 @@ def demo(quick: bool = False, out: Path = Path("runs/demo"), steps: int | None =
     compare(["grpo", GUIDED], overrides=demo_overrides(quick, n), steps=n, seeds=[0], out=out)
     console.print(f"\n[bold]demo finished in {time.perf_counter() - t0:.0f} s[/]. Report: {out / 'report.html'}")
     console.print(
-        "What to look at: the per-level table (evaluated without guidance). On the hard levels plain GRPO "
-        "rarely samples a correct answer, so it gets no signal there; the guided recipe "
+        "What to look at: the per-level table (evaluated without guidance). On the hardest levels plain GRPO "
+        "rarely samples a correct answer, so it gets little signal there; the guided recipe "
         f"({GUIDED}) puts a worked solution into every group. Whether that helps within this small "
         "budget is what the table shows; docs/results.md has 3-seed runs and what they found."
     )
