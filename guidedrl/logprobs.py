@@ -151,10 +151,12 @@ def policy_outputs(
     entropy: bool | str = False,
     vocab_mean: bool = False,
     value_head: nn.Module | None = None,
+    share_prompts: bool = True,
 ) -> PolicyOutputs:
-    """Forward the policy over `batch` and gather what the losses need."""
+    """Forward the policy over `batch` and gather what the losses need (share_prompts: see
+    `response_hidden`; off only to measure or check it)."""
     _, head = trunk_and_head(model)
-    h = response_hidden(model, batch)
+    h = response_hidden(model, batch, share_prompts=share_prompts)
     lp, ent, vm = token_logprobs(
         head, h, batch.response_ids, temperature=temperature, entropy=entropy, vocab_mean=vocab_mean
     )

@@ -1,0 +1,90 @@
+"""What the update's fast paths buy: forward + backward time of one optimizer batch, three ways.
+
+    .venv/bin/python bench/bench_update.py                 # the CPU job's shapes, 1 thread
+    .venv/bin/python bench/bench_update.py --ragged        # response lengths spread over 1/8..1 of R
+
+Ways (each the same loss and gradients, see tests/test_fastpaths.py):
+- plain: every row's prompt + response through the trunk, micro-batches in row order, untrimmed;
+- shared: each group's prompt once, its KV cache expanded to the group's rows;
+- shared+trim: also micro-batches of whole groups sorted by length, all-padding columns cut
+  (what `guidedrl.update.optimizer_step` does).
+The model and batch shapes default to bench_trl.py's CPU job (hidden 64, 2 layers, vocab 512,
+8 prompts x 8 samples, 64-token prompts, 128-token responses, micro-batches of 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from guidedrl.batch import collate  # noqa: E402
+from guidedrl.logprobs import policy_outputs  # noqa: E402
+from guidedrl.types import Completion, Sample  # noqa: E402
+from guidedrl.update import _length_sorted_micro_batches, _micro_slices  # noqa: E402
+
+
+def make_batch(a: argparse.Namespace) -> object:
+    rng = random.Random(0)
+    comps = []
+    for g in range(a.prompts):
+        prompt = [rng.randrange(3, a.vocab) for _ in range(a.prompt_len)]
+        for _ in range(a.group):
+            n = rng.randint(max(1, a.completion_len // 8), a.completion_len) if a.ragged else a.completion_len
+            ids = [rng.randrange(3, a.vocab) for _ in range(n)]
+            comps.append(Completion(sample=Sample(id=str(g), prompt=""), group=g, prompt_ids=prompt, ids=ids,
+                                    logprobs=[-1.0] * n, text="", finish_reason="length"))
+    b = collate(comps, pad_id=0)
+    b.advantages = torch.randn(b.mask.shape) * b.mask  # (B, R)
+    return b
+
+
+def fwd_bwd(model: torch.nn.Module, batch: object, micro: int, way: str) -> float:
+    t0 = time.perf_counter()
+    if way == "shared+trim":
+        parts = [batch.select(rows).trimmed() for rows in _length_sorted_micro_batches(batch, micro)]
+    else:
+        parts = [batch.select(rows) for rows in _micro_slices(len(batch), micro)]
+    for mb in parts:
+        lp = policy_outputs(model, mb, share_prompts=way != "plain").logprobs  # (b, R)
+        (-(lp * mb.advantages).sum() / batch.mask.sum()).backward()
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name, default in [("hidden", 64), ("layers", 2), ("heads", 4), ("kv_heads", 2), ("intermediate", 128),
+                          ("vocab", 512), ("prompts", 8), ("group", 8), ("prompt_len", 64),
+                          ("completion_len", 128), ("micro_batch", 64), ("threads", 1), ("repeats", 7)]:
+        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
+    ap.add_argument("--ragged", action="store_true", help="response lengths uniform in [R/8, R]")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=a.vocab, hidden_size=a.hidden, num_hidden_layers=a.layers, num_attention_heads=a.heads,
+        num_key_value_heads=a.kv_heads, intermediate_size=a.intermediate, max_position_embeddings=1024,
+        tie_word_embeddings=True, pad_token_id=0))
+    batch = make_batch(a)
+    print(f"batch {len(batch)} rows, P={batch.prompt_len}, R={batch.response_ids.shape[1]}, "
+          f"real response tokens {int(batch.response_mask.sum())}, threads {a.threads}")
+    results = {}
+    for way in ("plain", "shared", "shared+trim"):
+        times = [fwd_bwd(model, batch, a.micro_batch, way) for _ in range(a.repeats)]
+        model.zero_grad(set_to_none=True)
+        results[way] = statistics.median(times[1:])
+    for way, t in results.items():
+        print(f"{way:12s} fwd+bwd median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
+
+
+if __name__ == "__main__":
+    main()
