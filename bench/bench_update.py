@@ -27,11 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from guidedrl.batch import collate  # noqa: E402
 from guidedrl.logprobs import policy_outputs  # noqa: E402
-from guidedrl.types import Completion, Sample  # noqa: E402
+from guidedrl.types import Batch, Completion, Sample  # noqa: E402
 from guidedrl.update import _length_sorted_micro_batches, _micro_slices  # noqa: E402
 
 
-def make_batch(a: argparse.Namespace) -> object:
+def make_batch(a: argparse.Namespace) -> Batch:
     rng = random.Random(0)
     comps = []
     for g in range(a.prompts):
@@ -46,7 +46,7 @@ def make_batch(a: argparse.Namespace) -> object:
     return b
 
 
-def fwd_bwd(model: torch.nn.Module, batch: object, micro: int, way: str) -> float:
+def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str) -> float:
     t0 = time.perf_counter()
     if way == "shared+trim":
         parts = [batch.select(rows).trimmed() for rows in _length_sorted_micro_batches(batch, micro)]

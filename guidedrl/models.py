@@ -4,7 +4,6 @@ base model, or a tiny random config; LoRA via peft; dtype and device chosen auto
 from __future__ import annotations
 
 import inspect
-
 import os
 from pathlib import Path
 from typing import Any

@@ -9,6 +9,7 @@ Shapes: B = sequences in a (micro-)batch, R = response length (padded), T = full
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -123,31 +124,10 @@ class Batch:
     def select(self, rows: Tensor | list[int]) -> "Batch":
         """A sub-batch of the given rows (for micro-batching); trims no padding."""
         idx = torch.as_tensor(rows, dtype=torch.long)
-
-        def pick(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[idx]
-
-        return Batch(
-            input_ids=self.input_ids[idx],
-            attention_mask=self.attention_mask[idx],
-            position_ids=self.position_ids[idx],
-            prompt_len=self.prompt_len,
-            response_ids=self.response_ids[idx],
-            mask=self.mask[idx],
-            response_mask=self.response_mask[idx],
-            old_logprobs=self.old_logprobs[idx],
-            offpolicy=self.offpolicy[idx],
-            sft=self.sft[idx],
-            rewards=self.rewards[idx],
-            group_ids=self.group_ids[idx],
-            onpolicy_rows=self.onpolicy_rows[idx],
-            recompute_rows=self.recompute_rows[idx],
-            advantages=pick(self.advantages),
-            returns=pick(self.returns),
-            ref_logprobs=pick(self.ref_logprobs),
-            old_values=pick(self.old_values),
-            extras={k: v[idx] for k, v in self.extras.items()},
-        )
+        changes: dict[str, Any] = {
+            name: value[idx] for name, value in vars(self).items() if isinstance(value, Tensor)
+        }
+        return dataclasses.replace(self, **changes, extras={k: v[idx] for k, v in self.extras.items()})
 
     def trimmed(self) -> "Batch":
         """The same rows without columns that are padding in every row: leading prompt columns no
@@ -159,31 +139,20 @@ class Batch:
         keep_r = max(1, int(self.response_mask.sum(-1).max()))  # responses are right-padded
         if lead == 0 and keep_r == R:
             return self
-
-        def cut(x: Tensor | None) -> Tensor | None:
-            return None if x is None else x[:, :keep_r]
-
-        return Batch(
-            input_ids=self.input_ids[:, lead : P + keep_r],
-            attention_mask=self.attention_mask[:, lead : P + keep_r],
-            position_ids=self.position_ids[:, lead : P + keep_r],
-            prompt_len=P - lead,
-            response_ids=self.response_ids[:, :keep_r],
-            mask=self.mask[:, :keep_r],
-            response_mask=self.response_mask[:, :keep_r],
-            old_logprobs=self.old_logprobs[:, :keep_r],
-            offpolicy=self.offpolicy[:, :keep_r],
-            sft=self.sft[:, :keep_r],
-            rewards=self.rewards,
-            group_ids=self.group_ids,
-            onpolicy_rows=self.onpolicy_rows,
-            recompute_rows=self.recompute_rows,
-            advantages=cut(self.advantages),
-            returns=cut(self.returns),
-            ref_logprobs=cut(self.ref_logprobs),
-            old_values=cut(self.old_values),
-            extras={k: v[:, :keep_r] for k, v in self.extras.items()},
+        changes: dict[str, Any] = {name: getattr(self, name)[:, lead : P + keep_r] for name in _SEQUENCE_FIELDS}
+        for name in _TOKEN_FIELDS:
+            value = getattr(self, name)
+            changes[name] = None if value is None else value[:, :keep_r]
+        return dataclasses.replace(
+            self, **changes, prompt_len=P - lead, extras={k: v[:, :keep_r] for k, v in self.extras.items()}
         )
+
+
+_SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
+"""Batch fields laid out over the whole sequence: (B, P+R)."""
+_TOKEN_FIELDS = ("response_ids", "mask", "response_mask", "old_logprobs", "offpolicy", "sft",
+                 "advantages", "returns", "ref_logprobs", "old_values")
+"""Batch fields laid out over the response tokens: (B, R); the rest are per row (B,) or scalars."""
 
 
 @dataclass

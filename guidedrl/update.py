@@ -102,11 +102,11 @@ def _length_sorted_micro_batches(batch: Batch, size: int) -> list[list[int]]:
     so that each trimmed micro-batch pads to a length close to its own rows' (and a group's rows,
     which share a prompt, stay together for the shared-prompt forward). The losses reduce with
     whole-batch normalizers, so the order of rows changes nothing but float summation order."""
-    lengths = batch.attention_mask.sum(-1)  # (B,) real tokens per row
+    groups = batch.group_ids.tolist()
     longest: dict[int, int] = {}
-    for g, n in zip(batch.group_ids.tolist(), lengths.tolist(), strict=True):
+    for g, n in zip(groups, batch.attention_mask.sum(-1).tolist(), strict=True):  # real tokens per row
         longest[g] = max(longest.get(g, 0), n)
-    order = sorted(range(len(batch)), key=lambda i: (longest[int(batch.group_ids[i])], int(batch.group_ids[i]), i))
+    order = sorted(range(len(batch)), key=lambda i: (longest[groups[i]], groups[i], i))
     return [order[s : s + size] for s in range(0, len(order), size)]
 
 
