@@ -365,6 +365,10 @@ class TrainConfig(Strict):
     seed: int = 0
     max_nonfinite: int = 3
     """Abort after this many non-finite losses/gradients in a row (each one skips its update)."""
+    compile_logprobs: bool = False
+    """torch.compile the per-chunk LM head + log-softmax + gather + entropy of the update (one fused
+    pass over the chunk's logits forward and backward; a one-off compile of a few seconds). Pays for
+    itself after a few steps; off by default so that short runs and tests start at once."""
 
 
 class EvalConfig(Strict):

@@ -35,15 +35,20 @@ class Objective:
     temperature: float
     default_constant: float
     needs: frozenset[str] = field(default_factory=frozenset)
+    compiled: bool = False
+    """torch.compile the per-chunk log-prob / entropy pass (`train.compile_logprobs`)."""
 
     @classmethod
-    def from_config(cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int) -> "Objective":
+    def from_config(
+        cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int, compiled: bool = False
+    ) -> "Objective":
         return cls(
             cfg=cfg,
             loss_fn=algo.get(algo.LOSSES, cfg.loss.name, "algo.loss.name"),
             temperature=temperature,
             default_constant=float(max_new_tokens),
             needs=cfg.loss.needs,
+            compiled=compiled,
         )
 
     def micro_loss(
@@ -53,7 +58,7 @@ class Objective:
         c = self.cfg
         out = policy_outputs(
             model, mb, temperature=self.temperature, entropy="grad" if c.entropy_coef else "metric",
-            vocab_mean="vocab_mean" in self.needs, value_head=value_head,
+            vocab_mean="vocab_mean" in self.needs, value_head=value_head, compiled=self.compiled,
         )
         assert mb.advantages is not None, "advantages must be computed before the update"
         inp = LossInputs(
@@ -166,7 +171,8 @@ def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_si
         keep = keep | ~batch.recompute_rows
     lps, means = [], []
     for rows in _micro_slices(len(batch), micro_batch_size):
-        out = policy_outputs(model, batch.select(rows), temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs)
+        out = policy_outputs(model, batch.select(rows), temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs,
+                             compiled=obj.compiled)
         lps.append(out.logprobs)
         if out.vocab_mean_logprobs is not None:
             means.append(out.vocab_mean_logprobs)

@@ -2,9 +2,12 @@
 
 - shared-prompt prefill (one prefill per group, KV expanded G times) vs one prefill per row:
   the same samples under the same seed, log-probs to 1e-5;
-- the static-cache decode (uncompiled here; compiled on GPU in tests/gpu) vs the plain loop:
+- the static-cache decode (compiled on CPU in one test, on GPU in tests/gpu) vs the plain loop:
   token for token under greedy decoding, log-probs to 1e-4, behaviour log-probs = a fresh forward;
-- grouped decode attention vs transformers' sdpa over repeated KV heads;
+  with equal groups (one shared prompt store, cascade attention) and without, 1 and 3 tokens a call;
+- grouped decode attention vs transformers' sdpa over repeated KV heads; cascade decode attention
+  vs sdpa over every row's own [prompt; response] keys;
+- the compiled log-prob / entropy chunk vs the eager one (values and gradients);
 - the inverse-CDF sampler draws from the right distribution;
 - chunked selected-token log-probs / entropy vs the full-vocabulary reference;
 - the shared-prompt training forward (prompt once per group, KV expanded) vs every row's full
@@ -27,7 +30,7 @@ from guidedrl.parts import build_parts
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.rollout.static import grouped_decode_attention, inverse_cdf_sample
+from guidedrl.rollout.static import cascade_decode_attention, grouped_decode_attention, inverse_cdf_sample
 from guidedrl.train import StepState, seed_everything, train_step
 from guidedrl.types import Sample
 
@@ -59,23 +62,50 @@ def test_shared_prefill_gives_the_same_samples_as_one_prefill_per_row(tiny) -> N
     assert _max_lp_diff(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("min_new", [0, 10])
-def test_static_decode_equals_the_plain_loop_greedily(tiny, min_new: int) -> None:
-    model, tok = tiny
+def _group_reqs(tok) -> list[GenRequest]:
+    """3 prompts of unequal length x 4 samples: equal adjacent groups, the cascade path."""
+    prompts = ["What is 2+3?", "Hi", "Start at 3. Add 4. Times 2."]
+    return [GenRequest(render_prompt(tok, Sample(id=str(i), prompt=p), chat=True), n=4) for i, p in enumerate(prompts)]
+
+
+def _greedy_pair(model, tok, reqs, *, unroll: int | None, compile_step: bool = False, **kw):
+    """(plain loop, static decode) generations with eos made likely, so both finish reasons occur."""
     bias = torch.zeros(model.config.vocab_size)
-    bias[tok.eos_token_id] = 2.5  # eos is argmax for some rows at some steps: both finish reasons occur
+    bias[tok.eos_token_id] = 1.0  # eos becomes argmax for some rows at some steps (2.5 ends every row at once)
     h = model.lm_head.register_forward_hook(lambda m, i, o: o + bias)
     try:
-        kw = dict(max_new_tokens=14, min_new_tokens=min_new, top_k=1)
-        plain = _flat(HFEngine(model, tok, RolloutConfig(static_cache=False, **kw)).generate(_reqs(tok), seed=0))
-        fast = _flat(HFEngine(model, tok, RolloutConfig(static_cache=True, **kw)).generate(_reqs(tok), seed=0))
+        plain = _flat(HFEngine(model, tok, RolloutConfig(static_cache=False, **kw)).generate(reqs, seed=0))
+        eng = HFEngine(model, tok, RolloutConfig(static_cache=True, compile_decode=compile_step, **kw))
+        eng._static().unroll = unroll
+        fast = _flat(eng.generate(reqs, seed=0))
     finally:
         h.remove()
+    return plain, fast
+
+
+@pytest.mark.parametrize("unroll", [1, 3])
+@pytest.mark.parametrize("groups", [False, True])
+@pytest.mark.parametrize("min_new", [0, 10])
+def test_static_decode_equals_the_plain_loop_greedily(tiny, min_new: int, groups: bool, unroll: int) -> None:
+    model, tok = tiny
+    reqs = _group_reqs(tok) if groups else _reqs(tok)  # equal groups: one prompt-store row per group
+    plain, fast = _greedy_pair(model, tok, reqs, unroll=unroll, max_new_tokens=14, min_new_tokens=min_new, top_k=1)
     assert [x.ids for x in plain] == [x.ids for x in fast]
     assert [x.finish_reason for x in plain] == [x.finish_reason for x in fast]
     assert _max_lp_diff(plain, fast) < 1e-4
     if min_new:
         assert all(len(x.ids) >= min_new for x in fast)
+    else:  # rows end at eos at different steps and others run to the limit: the early exit is exercised
+        assert {x.finish_reason for x in fast} == {"eos", "length"}
+
+
+def test_compiled_cpu_decode_equals_the_plain_loop_greedily(tiny) -> None:
+    """The fast path as the CPU benchmark runs it: inductor-compiled, 4 tokens a call, equal groups."""
+    model, tok = tiny
+    plain, fast = _greedy_pair(model, tok, _group_reqs(tok), unroll=None, compile_step=True, max_new_tokens=10,
+                               top_k=1)
+    assert [x.ids for x in plain] == [x.ids for x in fast]
+    assert _max_lp_diff(plain, fast) < 1e-4
 
 
 def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(tiny) -> None:
@@ -187,6 +217,42 @@ def test_grouped_decode_attention_matches_sdpa_over_repeated_heads(q_len: int) -
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
 
 
+@pytest.mark.parametrize("q_len", [1, 2])
+def test_cascade_decode_attention_equals_attention_over_each_rows_prompt_and_own_keys(q_len: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    U, G, Hq, Hkv, P, L, D = 2, 3, 4, 2, 5, 6, 8
+    B, neg = U * G, torch.finfo(torch.float32).min
+    q = torch.randn(B, Hq, q_len, D, generator=g)
+    pk, pv = torch.randn(U, Hkv, P, D, generator=g), torch.randn(U, Hkv, P, D, generator=g)
+    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    p_vis = torch.ones(U, 1, 1, P, dtype=torch.bool)
+    p_vis[0, ..., :2] = False  # prompt 0 is left-padded by 2
+    r_vis = torch.rand(B, 1, q_len, L, generator=g) > 0.4
+    pmask = torch.zeros(U, 1, 1, P).masked_fill(~p_vis, neg)
+    rmask = torch.zeros(B, 1, q_len, L).masked_fill(~r_vis, neg)
+    layer = torch.nn.Module()
+    layer.layer_idx = 1
+    out, _ = cascade_decode_attention(layer, q, k, v, rmask, scaling=0.3, guidedrl_prefix=([pk, pk * 0], [pv, pv * 0], pmask))
+    # reference: every row gets its own copy of its group's prompt keys in front of its own keys
+    row_group = torch.arange(B) // G
+    kk = torch.cat([(pk * 0)[row_group], k], 2)  # layer 1's prompt store (zeros), copied to every row of the group
+    vv = torch.cat([(pv * 0)[row_group], v], 2)
+    mask = torch.cat([pmask[row_group].expand(B, 1, q_len, P), rmask], -1)  # (B, 1, Q, P+L)
+    rep = Hq // Hkv
+    ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), attn_mask=mask,
+                                         scale=0.3)
+    assert out.shape == (B, q_len, Hq, D)
+    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
+    # layer 0 reads its own store (a nonzero prompt that changes the result)
+    layer.layer_idx = 0
+    out0, _ = cascade_decode_attention(layer, q, k, v, rmask, scaling=0.3, guidedrl_prefix=([pk, pk * 0], [pv, pv * 0], pmask))
+    kk0, vv0 = torch.cat([pk[row_group], k], 2), torch.cat([pv[row_group], v], 2)
+    ref0 = F.scaled_dot_product_attention(q, kk0.repeat_interleave(rep, 1), vv0.repeat_interleave(rep, 1),
+                                          attn_mask=mask, scale=0.3)
+    assert torch.allclose(out0, ref0.transpose(1, 2), atol=1e-5)
+    assert not torch.allclose(out0, out, atol=1e-3)
+
+
 def test_inverse_cdf_sampler_samples_the_distribution() -> None:
     # the first k with cum[k] >= u * total has probability p_k; 40k draws: std of a share <= 0.0025
     p = torch.tensor([0.0, 0.5, 0.3, 0.0, 0.15, 0.05, 0.0])  # zero mass first, inside and last
@@ -233,6 +299,9 @@ def test_checkpointed_chunks_give_the_gradients_of_the_full_vocabulary_loss() ->
     lp, ent, _ = token_logprobs(head, hidden, targets, temperature=0.8, entropy="metric", chunk_tokens=6)
     assert not ent.requires_grad and torch.allclose(ent, full[1], atol=1e-6), "a logged entropy needs no graph"
     assert torch.allclose(lp.detach(), full[0])
+    compiled = grads(entropy=True, chunk_tokens=6, compiled=True)  # inductor-fused chunks, checkpointed
+    for a, b in zip(full, compiled, strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monkeypatch) -> None:

@@ -8,14 +8,17 @@ graph and each token costs one graph replay plus a few tiny launches. What makes
 - transformers' `StaticCache`, allocated once per (batch, cache length) and reused across calls
   (a new address would re-record the graph);
 - the shared prompt of each group prefilled once (with the ordinary dynamic cache) and its keys and
-  values copied G times into the static cache;
-- an additive 4D attention mask kept in a static buffer (one column opened per step), which
+  values kept once per group in a static prompt store; the static cache holds response tokens only;
+- cascade decode attention (`cascade_decode_attention`): each step's queries read their group's
+  prompt keys once for the whole group (one (G*g, D) x (D, P) product per group and KV head) and
+  their own response keys, with one softmax over both. Decode attention is memory-bound: a cache
+  of G copies of the prompt would be read G times a step. Grouped KV heads are read in place
+  instead of copied G_q times (`repeat_kv`);
+- additive attention masks kept in static buffers (one response column opened per step), which
   transformers passes through untouched;
-- decode attention that reads the grouped KV heads in place (`grouped_decode_attention`), instead
-  of sdpa with a mask, which first copies every KV head G_q times (`repeat_kv`);
 - sampling by inverse CDF (the first token whose cumulative probability reaches u * total,
-  u ~ U(0, 1]), with one uniform per row drawn from a seeded generator on the device before each
-  step; inside the compiled step on CPU, eagerly after the graph's replay on CUDA. (An exponential
+  u ~ U(0, 1]), with the uniforms of every row and step drawn at once from a seeded generator on
+  the device; inside the compiled step on CPU, eagerly after the graph's replay on CUDA. (An exponential
   race, argmax p / E as in vLLM, needs (B, V) noise a step: drawing it was a third of the CPU
   decode time.)
 
@@ -66,10 +69,54 @@ def grouped_decode_attention(
     return out.view(B, Hq, Q, D).transpose(1, 2).contiguous(), None
 
 
+def cascade_decode_attention(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    guidedrl_prefix: tuple[list[Tensor], list[Tensor], Tensor] | None = None,
+    **kwargs: Any,
+) -> tuple[Tensor, None]:
+    """Decode attention over a prompt shared by groups of G rows plus each row's own keys.
+
+    query (B, Hq, Q, D); key / value (B, Hkv, L, D): the rows' own (response) cache; attention_mask
+    additive (B, 1, Q, L) over it. guidedrl_prefix = (prompt keys per layer, prompt values per layer,
+    additive prompt mask (U, 1, 1, P)), each layer's (U, Hkv, P, D) with B = U * G and rows u*G..u*G+G-1
+    continuing prompt u. Equal to attention over each row's [prompt; own] keys (tested); the prompt's
+    keys are read once per group, not once per row. -> (B, Q, Hq, D). Without a prefix: plain
+    `grouped_decode_attention`.
+    """
+    if guidedrl_prefix is None:
+        return grouped_decode_attention(module, query, key, value, attention_mask, scaling)
+    pks, pvs, pmask = guidedrl_prefix
+    pk, pv = pks[module.layer_idx], pvs[module.layer_idx]  # (U, Hkv, P, D)
+    B, Hq, Q, D = query.shape
+    U, Hkv, P, _ = pk.shape
+    G, g, L = B // U, Hq // Hkv, key.shape[2]
+    scale = D**-0.5 if scaling is None else scaling
+    q = query.reshape(B, Hkv, g * Q, D)  # heads of one KV group adjacent, as in grouped_decode_attention
+    qg = q.view(U, G, Hkv, g * Q, D).transpose(1, 2).reshape(U, Hkv, G * g * Q, D)  # a group's queries together
+    s_p = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale  # (U, Hkv, G*g*Q, P)
+    s_p = s_p + pmask.float()  # prompt padding, (U, 1, 1, P)
+    s_r = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g*Q, L)
+    if attention_mask is not None:
+        m = attention_mask[:, :, :, :L].float()  # (B, 1, Q, L)
+        s_r = (s_r.view(B, Hkv, g, Q, L) + m[:, :, None]).view(B, Hkv, g * Q, L)
+    s_p = s_p.view(U, Hkv, G, g * Q, P).transpose(1, 2).reshape(B, Hkv, g * Q, P)
+    probs = torch.cat([s_p, s_r], -1).softmax(-1).to(value.dtype)  # (B, Hkv, g*Q, P+L): one softmax
+    p_p = probs[..., :P].reshape(U, G, Hkv, g * Q, P).transpose(1, 2).reshape(U, Hkv, G * g * Q, P)
+    out_p = torch.matmul(p_p, pv).view(U, Hkv, G, g * Q, D).transpose(1, 2).reshape(B, Hkv, g * Q, D)
+    out = out_p + torch.matmul(probs[..., P:], value)  # (B, Hkv, g*Q, D)
+    return out.view(B, Hq, Q, D).transpose(1, 2).contiguous(), None
+
+
 def _register_attention() -> None:
     from transformers import AttentionInterface
 
-    AttentionInterface.register(ATTN_NAME, grouped_decode_attention)
+    AttentionInterface.register(ATTN_NAME, cascade_decode_attention)
 
 
 @contextmanager
@@ -94,51 +141,71 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
 
 
 class StaticDecoder:
-    """Samples with a static KV cache and a (optionally compiled) single-token decode step."""
+    """Samples with a static KV cache and a (optionally compiled) decode step of `unroll` tokens."""
 
-    def __init__(self, model: nn.Module, config: Any, cache_kw: str, *, compile_step: bool, check_every: int = 16) -> None:
+    def __init__(self, model: nn.Module, config: Any, cache_kw: str, *, compile_step: bool, check_every: int = 16,
+                 unroll: int | None = None) -> None:
+        """unroll: tokens per step call (None: 4 for the compiled CPU step, else 1). On CPU each call of a
+        compiled step pays its guards and launch code (about 0.4 ms for a small model, more than its
+        kernels), so 4 tokens per call pay it once; on CUDA a graph replay is already cheap."""
         self.model = model
         self.config = config
         self.cache_kw = cache_kw
         self.compile_step = compile_step
         self.check_every = check_every
+        self.unroll = unroll
         self._key: tuple[Any, ...] | None = None
         self._bufs: dict[str, Any] = {}
-        self._step: Callable[..., tuple[Tensor, Tensor]] | None = None
+        self._step: Callable[..., None] | None = None
         _register_attention()
 
-    def _setup(self, B: int, L: int, V: int, dev: torch.device, dtype: torch.dtype, sampling: tuple[Any, ...]) -> None:
-        """(Re)allocate the cache and buffers, and build the step, only when a shape or setting changes."""
-        key = (B, L, V, dev, dtype, sampling)
+    def _tokens_per_call(self, dev: torch.device) -> int:
+        if self.unroll is not None:
+            return self.unroll
+        return 4 if self.compile_step and dev.type == "cpu" else 1
+
+    def _setup(self, shape: tuple[int, int, int, int, int], dev: torch.device, dtype: torch.dtype,
+               sampling: tuple[Any, ...]) -> None:
+        """(Re)allocate the caches and buffers, and build the step, only when a shape or setting changes.
+
+        shape = (B rows, U prompts, P prompt store length, L response cache length, V vocabulary).
+        """
+        key = (shape, dev, dtype, sampling)
         if key == self._key:
             return
         from transformers import StaticCache
 
+        B, U, P, L, V = shape
         cache = StaticCache(config=self.config, max_cache_len=L)
         Hkv = self.config.num_key_value_heads
         D = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
         dummy = torch.zeros((B, Hkv, 1, D), dtype=dtype, device=dev)
         for layer in cache.layers:
             layer.lazy_initialization(dummy, dummy)  # allocates (B, Hkv, L, D) and marks static addresses
+        n_layers = len(cache.layers)
         b = {
             "cache": cache,
-            "ids": torch.zeros((B, 1), dtype=torch.long, device=dev),
-            "pos": torch.zeros((B, 1), dtype=torch.long, device=dev),
-            "mask": torch.zeros((B, 1, 1, L), dtype=dtype, device=dev),
-            "bias": torch.zeros(V, dtype=torch.float32, device=dev),
-            "u": torch.ones((B, 1), dtype=torch.float32, device=dev),
+            "pk": [torch.zeros((U, Hkv, P, D), dtype=dtype, device=dev) for _ in range(n_layers)],
+            "pv": [torch.zeros((U, Hkv, P, D), dtype=dtype, device=dev) for _ in range(n_layers)],
+            "pmask": torch.zeros((U, 1, 1, P), dtype=dtype, device=dev),
+            "ids": torch.zeros((B, 1), dtype=torch.long, device=dev),  # the token fed next
+            "pos": torch.zeros((B, 1), dtype=torch.long, device=dev),  # its position id
+            "t": torch.zeros((), dtype=torch.long, device=dev),  # its index in the response (= its cache slot + 1)
+            "min_new": torch.zeros((), dtype=torch.long, device=dev),
+            "eos_bias": torch.zeros(V, dtype=torch.float32, device=dev),  # -inf at eos, added while t < min_new
+            "draws": torch.ones((L, B, 1), dtype=torch.float32, device=dev),  # U(0, 1] per step and row
             "done": torch.zeros(B, dtype=torch.bool, device=dev),
+            "out_ids": torch.zeros((B, L), dtype=torch.long, device=dev),
+            "out_lp": torch.zeros((B, L), dtype=torch.float32, device=dev),
         }
-        for name in ("ids", "pos", "mask", "bias", "u", "done"):
-            torch._dynamo.mark_static_address(b[name])
+        for t in [*b["pk"], *b["pv"], *(v for k, v in b.items() if isinstance(v, Tensor))]:
+            torch._dynamo.mark_static_address(t)
         self._bufs = b
         self._step = self._make_step(sampling, compile_now=self.compile_step, dev=dev)
         self._key = key
 
-    def _make_step(
-        self, sampling: tuple[Any, ...], *, compile_now: bool, dev: torch.device
-    ) -> Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]:
-        """The decode step: model forward over the static buffers, then sampling.
+    def _make_step(self, sampling: tuple[Any, ...], *, compile_now: bool, dev: torch.device) -> Callable[..., None]:
+        """The decode step: `unroll` times (model forward over the static buffers, sample, record, advance).
 
         Compiled on CPU as one function (inductor fuses the sampler's (B, V) passes). On CUDA only the
         forward is compiled (a CUDA graph) and the sampler runs eagerly, a handful of kernels a token:
@@ -149,25 +216,39 @@ class StaticDecoder:
 
         temperature, top_k, top_p, pad_id = sampling
         b, model, kw = self._bufs, self.model, self.cache_kw
+        k = self._tokens_per_call(dev)
+        B, L = b["out_ids"].shape
+        slots = torch.arange(L, device=dev)
 
         def forward() -> Tensor:
-            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=b["mask"], use_cache=True,
-                        logits_to_keep=1, **{kw: b["cache"]})
+            neg = torch.finfo(b["pmask"].dtype).min  # response slots 0..t-1 are visible (slot t-1: this token)
+            mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, L).expand(B, 1, 1, L)
+            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=True,
+                        logits_to_keep=1, guidedrl_prefix=(b["pk"], b["pv"], b["pmask"]), **{kw: b["cache"]})
             return res.logits[:, -1, :]  # (B, V)
 
-        def sample(logits: Tensor, eos: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-            return sample_tokens(logits, b["bias"], b["u"], b["done"], eos, pad, temperature, top_k, top_p,
-                                 _filter_logits)
+        def advance(logits: Tensor, eos: Tensor, pad: Tensor) -> None:
+            t = b["t"]
+            bias = torch.where(t < b["min_new"], b["eos_bias"], 0.0)  # (V,)
+            u = b["draws"].index_select(0, t.view(1))[0]  # (B, 1); a tensor index, not a Python int (no graph break)
+            nxt, lp = sample_tokens(logits, bias, u, b["done"], eos, pad, temperature, top_k, top_p, _filter_logits)
+            b["out_ids"].index_copy_(1, t.view(1), nxt[:, None])
+            b["out_lp"].index_copy_(1, t.view(1), lp[:, None])
+            b["ids"].copy_(nxt[:, None])
+            b["pos"].add_(1)
+            t.add_(1)
 
         if compile_now and dev.type == "cuda":
             fwd = torch.compile(forward, mode="reduce-overhead", dynamic=False)
-            return lambda eos, pad: sample(fwd(), eos, pad)  # the graph's output is read before the next replay
+            return lambda eos, pad: advance(fwd(), eos, pad)  # the graph's output is read before the next replay
 
-        def step(eos: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-            return sample(forward(), eos, pad)
+        def step(eos: Tensor, pad: Tensor) -> None:
+            for _ in range(k):
+                advance(forward(), eos, pad)
 
-        return torch.compile(step, dynamic=False) if compile_now else step
-
+        # cpp_wrapper: the generated code that launches the kernels is C++ too, not Python (about
+        # 0.1 ms less per call on CPU, where nothing replays a graph)
+        return torch.compile(step, dynamic=False, options={"cpp_wrapper": True}) if compile_now else step
 
     @torch.no_grad()
     def decode(
@@ -192,72 +273,84 @@ class StaticDecoder:
         first_logits (U, V): their last-position logits; attn (U, P) their attention mask.
         -> out_ids (B, max_new) with pad after a row's eos, out_logprobs (B, max_new) (0 there).
         """
+        from guidedrl.rollout.hf import _filter_logits
+
         U, P = attn.shape
         B, V, dev = len(inverse), first_logits.shape[-1], first_logits.device
         dtype = prefill_cache.layers[0].keys.dtype
-        L = _bucket(P + max_new)
-        self._setup(B, L, V, dev, dtype, (temperature, top_k, top_p, pad_id))
+        grouped = _grouped(inverse, U)  # rows u*G..u*G+G-1 continue prompt u: the prompt store holds U rows
+        k = self._tokens_per_call(dev)
+        # a call may run k - 1 tokens past max_new (dropped): the response cache has room for them
+        shape = (B, U if grouped else B, _bucket(P, 64), _bucket(max_new + k - 1, 32), V)
+        self._setup(shape, dev, dtype, (temperature, top_k, top_p, pad_id))
         b = self._bufs
-        self._load_prefill(prefill_cache, attn, inverse, P)
+        self._load_prefill(prefill_cache, attn, inverse, grouped)
         pad = torch.tensor(pad_id, device=dev)
         eos = eos.to(dev)
-        out_ids = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)
-        out_lp = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
-        from guidedrl.rollout.hf import _filter_logits
-
-        self._min_tokens_bias(eos, 0, min_new)
-        _draw(b["u"], gen)
-        nxt, lp = sample_tokens(first_logits[inverse], b["bias"], b["u"], b["done"], eos, pad,
+        b["draws"].uniform_(generator=gen).neg_().add_(1.0)  # 1 - U[0, 1): a draw of 0 could pick a zero-mass token
+        b["eos_bias"].zero_()
+        if eos.numel():
+            b["eos_bias"][eos] = float("-inf")
+        b["min_new"].fill_(min_new)
+        b["out_ids"].fill_(pad_id)
+        b["out_lp"].zero_()
+        bias = b["eos_bias"] if min_new > 0 else torch.zeros_like(b["eos_bias"])
+        nxt, lp = sample_tokens(first_logits[inverse], bias, b["draws"][0], b["done"], eos, pad,
                                 temperature, top_k, top_p, _filter_logits)
-        out_ids[:, 0], out_lp[:, 0] = nxt, lp
+        b["out_ids"][:, 0], b["out_lp"][:, 0] = nxt, lp
+        b["ids"].copy_(nxt[:, None])
+        b["t"].fill_(1)
         with attention_implementation(self.config, ATTN_NAME):
-            for t in range(1, max_new):
-                if t % self.check_every == 0 and eos.numel() and t > min_new and bool(b["done"].all()):
-                    break
-                b["ids"].copy_(out_ids[:, t - 1 : t])
-                b["mask"][:, :, :, P + t - 1] = 0.0  # the token fed at this step becomes visible
-                self._min_tokens_bias(eos, t, min_new)
-                _draw(b["u"], gen)
-                nxt, lp = self._run_step(eos, pad)
-                out_ids[:, t], out_lp[:, t] = nxt, lp  # copied out before the next replay overwrites them
-                b["pos"].add_(1)
-        return out_ids, out_lp
+            t, checked = 1, 1
+            while t < max_new:
+                if t - checked >= self.check_every and eos.numel() and t > min_new:
+                    checked = t
+                    if bool(b["done"].all()):
+                        break
+                self._run_step(eos, pad)
+                t += k
+        return b["out_ids"][:, :max_new].clone(), b["out_lp"][:, :max_new].clone()
 
-    def _run_step(self, eos: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-        """One decode step; a compile that fails (it does so on the first call) falls back to eager.
-
-        Re-running the step is safe: it rewrites the same cache slot and `done` from the same draw.
-        """
+    def _run_step(self, eos: Tensor, pad: Tensor) -> None:
+        """One step call; a compile that fails (it does so on the first call, before anything runs)
+        falls back to eager."""
         assert self._step is not None and self._key is not None
         try:
-            return self._step(eos, pad)
+            self._step(eos, pad)
         except Exception as e:  # noqa: BLE001 - any compiler failure; the eager step re-raises real errors
             if not self.compile_step:
                 raise
             warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding uncompiled",
                           stacklevel=2)
             self.compile_step = False
-            self._step = self._make_step(self._key[-1], compile_now=False, dev=self._key[3])
-            return self._step(eos, pad)
+            self._step = self._make_step(self._key[-1], compile_now=False, dev=self._key[1])
+            self._step(eos, pad)
 
-    def _min_tokens_bias(self, eos: Tensor, t: int, min_new: int) -> None:
-        """eos gets -inf logits while fewer than min_new tokens exist (changed only at t = 0 and min_new)."""
-        if eos.numel() and t in (0, min_new):
-            self._bufs["bias"][eos] = float("-inf") if t < min_new else 0.0
-
-    def _load_prefill(self, prefill_cache: Any, attn: Tensor, inverse: Tensor, P: int) -> None:
-        """Copy the U prefilled contexts' keys/values into the B static rows; set mask, positions, lengths."""
+    def _load_prefill(self, prefill_cache: Any, attn: Tensor, inverse: Tensor, grouped: bool) -> None:
+        """Put the U prefilled contexts' keys/values in the prompt store (once per group when `grouped`,
+        else once per row), right-aligned; empty the response cache; set masks, positions, lengths."""
         b = self._bufs
+        P = attn.shape[1]
         inv = inverse.to(attn.device)
-        for src, dst in zip(prefill_cache.layers, b["cache"].layers, strict=True):
-            dst.keys[:, :, :P].copy_(src.keys[inv])  # (B, Hkv, P, D): prompt K/V shared by the group
-            dst.values[:, :, :P].copy_(src.values[inv])
-            dst.cumulative_length.fill_(P)
-        neg = torch.finfo(b["mask"].dtype).min
-        b["mask"].fill_(neg)
-        b["mask"][:, 0, 0, :P] = torch.where(attn[inv].bool(), 0.0, neg).to(b["mask"].dtype)
+        rows = slice(None) if grouped else inv
+        for src, pk, pv, dst in zip(prefill_cache.layers, b["pk"], b["pv"], b["cache"].layers, strict=True):
+            pk[:, :, -P:].copy_(src.keys[rows])  # (U or B, Hkv, P, D), left-padded like the prefill
+            pv[:, :, -P:].copy_(src.values[rows])
+            dst.cumulative_length.zero_()  # the response cache starts empty
+        neg = torch.finfo(b["pmask"].dtype).min
+        b["pmask"].fill_(neg)
+        b["pmask"][:, 0, 0, -P:] = torch.where(attn[rows].bool(), 0.0, neg).to(b["pmask"].dtype)
         b["pos"].copy_(attn[inv].sum(-1, keepdim=True))  # (B, 1) position of the first new token
         b["done"].zero_()
+
+
+def _grouped(inverse: Tensor, U: int) -> bool:
+    """Whether B rows continue U contexts in equal adjacent groups (row b continues context b // G)."""
+    B = len(inverse)
+    if B % U:
+        return False
+    expected = torch.arange(U, device=inverse.device).repeat_interleave(B // U)
+    return bool(torch.equal(inverse, expected))
 
 
 def sample_tokens(
@@ -284,11 +377,6 @@ def sample_tokens(
     lp = logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0)  # (B,)
     done |= torch.isin(nxt, eos)
     return nxt, lp
-
-
-def _draw(u: Tensor, gen: torch.Generator) -> None:
-    """u (B, 1) <- U(0, 1], in place (1 - U[0, 1): a draw of exactly 0 could pick a zero-mass token 0)."""
-    u.uniform_(generator=gen).neg_().add_(1.0)
 
 
 def _bucket(n: int, size: int = 128) -> int:
