@@ -14,8 +14,11 @@ graph and each token costs one graph replay plus a few tiny launches. What makes
   their own response keys, with one softmax over both. Decode attention is memory-bound: a cache
   of G copies of the prompt would be read G times a step. Grouped KV heads are read in place
   instead of copied G_q times (`repeat_kv`);
-- additive attention masks kept in static buffers (one response column opened per step), which
-  transformers passes through untouched;
+- the bookkeeping inside the step: the response mask is built from a step counter kept on the
+  device, and the sampled ids, behaviour log-probs, next input and position are written into
+  static buffers there; transformers passes a 4D additive mask through untouched;
+- on CPU, 4 tokens per compiled call (each call pays dynamo's guards and the launch code, more
+  than the small model's kernels), reading only the response slots written so far;
 - sampling by inverse CDF (the first token whose cumulative probability reaches u * total,
   u ~ U(0, 1]), with the uniforms of every row and step drawn at once from a seeded generator on
   the device; inside the compiled step on CPU, eagerly after the graph's replay on CUDA. (An exponential
@@ -93,6 +96,8 @@ def cascade_decode_attention(
         return grouped_decode_attention(module, query, key, value, attention_mask, scaling)
     pks, pvs, pmask = guidedrl_prefix
     pk, pv = pks[module.layer_idx], pvs[module.layer_idx]  # (U, Hkv, P, D)
+    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
+        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]  # unwritten slots
     B, Hq, Q, D = query.shape
     U, Hkv, P, _ = pk.shape
     G, g, L = B // U, Hq // Hkv, key.shape[2]
@@ -195,6 +200,7 @@ class StaticDecoder:
             "eos_bias": torch.zeros(V, dtype=torch.float32, device=dev),  # -inf at eos, added while t < min_new
             "draws": torch.ones((L, B, 1), dtype=torch.float32, device=dev),  # U(0, 1] per step and row
             "done": torch.zeros(B, dtype=torch.bool, device=dev),
+            "slots": torch.arange(L, device=dev),
             "out_ids": torch.zeros((B, L), dtype=torch.long, device=dev),
             "out_lp": torch.zeros((B, L), dtype=torch.float32, device=dev),
         }
@@ -217,12 +223,13 @@ class StaticDecoder:
         temperature, top_k, top_p, pad_id = sampling
         b, model, kw = self._bufs, self.model, self.cache_kw
         k = self._tokens_per_call(dev)
-        B, L = b["out_ids"].shape
-        slots = torch.arange(L, device=dev)
+        B = b["out_ids"].shape[0]
 
-        def forward() -> Tensor:
+        def forward(slots: Tensor) -> Tensor:
+            """slots (n,): the response slots this call may read (the first n of L; all of them on CUDA)."""
+            n = slots.shape[0]
             neg = torch.finfo(b["pmask"].dtype).min  # response slots 0..t-1 are visible (slot t-1: this token)
-            mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, L).expand(B, 1, 1, L)
+            mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, n).expand(B, 1, 1, n)
             res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=True,
                         logits_to_keep=1, guidedrl_prefix=(b["pk"], b["pv"], b["pmask"]), **{kw: b["cache"]})
             return res.logits[:, -1, :]  # (B, V)
@@ -238,17 +245,20 @@ class StaticDecoder:
             b["pos"].add_(1)
             t.add_(1)
 
-        if compile_now and dev.type == "cuda":
+        if compile_now and dev.type == "cuda":  # one graph over the whole cache: shapes never change
             fwd = torch.compile(forward, mode="reduce-overhead", dynamic=False)
-            return lambda eos, pad: advance(fwd(), eos, pad)  # the graph's output is read before the next replay
+            every = b["slots"]
+            return lambda eos, pad, slots: advance(fwd(every), eos, pad)  # the output is read before the next replay
 
-        def step(eos: Tensor, pad: Tensor) -> None:
+        def step(eos: Tensor, pad: Tensor, slots: Tensor) -> None:
             for _ in range(k):
-                advance(forward(), eos, pad)
+                advance(forward(slots), eos, pad)
 
-        # cpp_wrapper: the generated code that launches the kernels is C++ too, not Python (about
-        # 0.1 ms less per call on CPU, where nothing replays a graph)
-        return torch.compile(step, dynamic=False, options={"cpp_wrapper": True}) if compile_now else step
+        # On CPU the step reads only the response slots written so far (`slots` grows by 16; the
+        # compile is dynamic in its length): decode attention is memory-bound and the whole cache is
+        # L slots. cpp_wrapper: the code that launches the kernels is C++ too, not Python (about
+        # 0.1 ms less per call, where nothing replays a graph).
+        return torch.compile(step, options={"cpp_wrapper": True}) if compile_now else step
 
     @torch.no_grad()
     def decode(
@@ -307,16 +317,18 @@ class StaticDecoder:
                     checked = t
                     if bool(b["done"].all()):
                         break
-                self._run_step(eos, pad)
+                slots = b["slots"][: _bucket(t + k - 1, 16)]  # slots t-1 .. t+k-2 are written in this call
+                torch._dynamo.maybe_mark_dynamic(slots, 0)  # compiled once for every length, not once per length
+                self._run_step(eos, pad, slots)
                 t += k
         return b["out_ids"][:, :max_new].clone(), b["out_lp"][:, :max_new].clone()
 
-    def _run_step(self, eos: Tensor, pad: Tensor) -> None:
+    def _run_step(self, eos: Tensor, pad: Tensor, slots: Tensor) -> None:
         """One step call; a compile that fails (it does so on the first call, before anything runs)
         falls back to eager."""
         assert self._step is not None and self._key is not None
         try:
-            self._step(eos, pad)
+            self._step(eos, pad, slots)
         except Exception as e:  # noqa: BLE001 - any compiler failure; the eager step re-raises real errors
             if not self.compile_step:
                 raise
@@ -324,7 +336,7 @@ class StaticDecoder:
                           stacklevel=2)
             self.compile_step = False
             self._step = self._make_step(self._key[-1], compile_now=False, dev=self._key[1])
-            self._step(eos, pad)
+            self._step(eos, pad, slots)
 
     def _load_prefill(self, prefill_cache: Any, attn: Tensor, inverse: Tensor, grouped: bool) -> None:
         """Put the U prefilled contexts' keys/values in the prompt store (once per group when `grouped`,
