@@ -30,20 +30,21 @@ class PolicyOutputs:
 
 
 def _shared_prompts(batch: Batch) -> tuple[Tensor, Tensor] | None:
-    """(first row of each distinct prompt (U,), row -> its prompt's index (B,)) when rows share
-    prompts (GRPO groups: G samples of one prompt), else None. Prompts match on ids and mask both,
-    so a guided row whose context differs (a hint, a prefix) is its own prompt."""
+    """(first row of each run of adjacent rows with one prompt (U,), row -> its run's index (B,)) when
+    rows share prompts (GRPO groups: G samples of one prompt, adjacent in every micro-batch), else
+    None. Prompts match on ids and mask both, so a guided row whose context differs (a hint, a
+    prefix) starts its own run. Adjacent runs, not `torch.unique` over rows: the same grouping for
+    batches in group order, for a (B, 2P) comparison instead of a sort of whole rows (5 ms a step)."""
     P = batch.prompt_len
     if P == 0 or len(batch) < 2:
         return None
     key = torch.cat([batch.input_ids[:, :P], batch.attention_mask[:, :P]], 1)  # (B, 2P)
-    uniq, inverse = torch.unique(key, dim=0, return_inverse=True)  # (U, 2P), (B,)
-    U = uniq.shape[0]
+    starts = torch.ones(len(batch), dtype=torch.bool, device=key.device)
+    starts[1:] = (key[1:] != key[:-1]).any(-1)  # (B,) a row whose prompt differs from the row before
+    U = int(starts.sum())
     if 2 * U > len(batch):  # little to share: the plain forward is as fast
         return None
-    rows = torch.arange(len(batch), device=key.device)
-    first = torch.full((U,), len(batch), dtype=torch.long, device=key.device).scatter_reduce(0, inverse, rows, "amin")
-    return first, inverse
+    return starts.nonzero().squeeze(-1), starts.cumsum(0) - 1
 
 
 def response_hidden(model: nn.Module, batch: Batch, *, share_prompts: bool = True) -> Tensor:

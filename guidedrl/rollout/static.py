@@ -159,15 +159,22 @@ class StaticDecoder:
         self.compile_step = compile_step
         self.check_every = check_every
         self.unroll = unroll
+        self.graph_forward: bool | None = None
+        """Compile only the forward, as a replayed graph, and sample eagerly (None: on CUDA)."""
         self._key: tuple[Any, ...] | None = None
         self._bufs: dict[str, Any] = {}
         self._step: Callable[..., None] | None = None
         _register_attention()
 
+    def _graph_forward(self, dev: torch.device) -> bool:
+        return self.compile_step and (self.graph_forward if self.graph_forward is not None else dev.type == "cuda")
+
     def _tokens_per_call(self, dev: torch.device) -> int:
+        if self._graph_forward(dev):
+            return 1  # one replay per token
         if self.unroll is not None:
             return self.unroll
-        return 4 if self.compile_step and dev.type == "cpu" else 1
+        return 4 if self.compile_step else 1
 
     def _setup(self, shape: tuple[int, int, int, int, int], dev: torch.device, dtype: torch.dtype,
                sampling: tuple[Any, ...]) -> None:
@@ -245,7 +252,7 @@ class StaticDecoder:
             b["pos"].add_(1)
             t.add_(1)
 
-        if compile_now and dev.type == "cuda":  # one graph over the whole cache: shapes never change
+        if compile_now and self._graph_forward(dev):  # one graph over the whole cache: shapes never change
             fwd = torch.compile(forward, mode="reduce-overhead", dynamic=False)
             every = b["slots"]
             return lambda eos, pad, slots: advance(fwd(every), eos, pad)  # the output is read before the next replay
