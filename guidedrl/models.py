@@ -224,3 +224,20 @@ def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
     if trunk is None or head is None:
         raise ModelError(f"{type(inner).__name__}: cannot find decoder trunk / output embeddings")
     return trunk, head
+
+
+def compile_layers(model: nn.Module) -> int:
+    """torch.compile every decoder layer in place, dynamic in its shapes (`train.compile_model`).
+
+    Per layer rather than the whole model: the trunk's Python around the layers (cache objects, mask
+    building) stays eager, and a new micro-batch length is one more dynamic-shape graph at most.
+    Inductor fuses each layer's elementwise passes (RMSNorm, RoPE, SiLU x up, residual adds) in the
+    forward and the backward. Parameters and state-dict keys are unchanged. -> layers compiled.
+    """
+    trunk, _ = trunk_and_head(model)
+    layers = getattr(trunk, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ModelError(f"train.compile_model: {type(trunk).__name__} has no `layers` list of decoder layers to compile")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)

@@ -14,7 +14,7 @@ from guidedrl.config import Config
 from guidedrl.data import load_samples
 from guidedrl.data.loaders import balanced_head
 from guidedrl.data.tasks import default_reward
-from guidedrl.models import load_model, load_policy, render_prompt, use_chat
+from guidedrl.models import compile_layers, load_model, load_policy, render_prompt, use_chat
 from guidedrl.rewards import build_reward
 from guidedrl.rollout.collect import Guide, RolloutContext
 from guidedrl.rollout.hf import HFEngine
@@ -116,6 +116,8 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
     from guidedrl.guidance import build_guide
 
     model, tok = load_policy(cfg.model)
+    if cfg.train.compile_model:
+        compile_layers(model)
     chat = use_chat(cfg.model, tok)
     ref = load_model(cfg.model, tok, trainable=False) if cfg.algo.kl.coef else None
     value_head = None

@@ -8,6 +8,7 @@
 - grouped decode attention vs transformers' sdpa over repeated KV heads; cascade decode attention
   vs sdpa over every row's own [prompt; response] keys;
 - the compiled log-prob / entropy chunk vs the eager one (values and gradients);
+- compiled decoder layers (`train.compile_model`) vs eager ones: log-probs and gradients;
 - the inverse-CDF sampler draws from the right distribution;
 - chunked selected-token log-probs / entropy vs the full-vocabulary reference;
 - the shared-prompt training forward (prompt once per group, KV expanded) vs every row's full
@@ -322,3 +323,47 @@ def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monke
     assert parts.ref is None
     train_step(parts, StepState())
     assert calls == []
+
+
+@pytest.mark.slow  # a dynamic-shape compile of 2 layers' forward and backward: ~30 s on 2 cores
+def test_compiled_layers_give_the_eager_logprobs_and_gradients(tiny) -> None:
+    from guidedrl.logprobs import policy_outputs
+    from guidedrl.models import compile_layers
+
+    model, tok = tiny
+    eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
+    reqs = _reqs(tok)  # unequal prompts, a forced prefix, groups of 4, 3 and 1
+    out = eng.generate(reqs, seed=4)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    weights = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        model.zero_grad()
+        lp = policy_outputs(model, b).logprobs  # (B, R), through the shared-prompt forward
+        (lp * b.response_mask * weights).sum().backward()
+        return lp.detach() * b.response_mask, [p.grad.clone() for p in model.parameters()]
+
+    lp_eager, g_eager = run()
+    assert compile_layers(model) == 2
+    lp_comp, g_comp = run()
+    assert all(layer._compiled_call_impl is not None for layer in model.model.layers), "the layers were not compiled"
+    assert torch.allclose(lp_eager, lp_comp, atol=1e-5)
+    for a, c in zip(g_eager, g_comp, strict=True):
+        assert torch.allclose(a, c, atol=1e-5)
+
+
+def test_compile_model_on_a_model_without_layers_is_a_clear_error() -> None:
+    from guidedrl.errors import ModelError
+    from guidedrl.models import compile_layers
+
+    class NoLayers(torch.nn.Module):
+        def get_decoder(self):
+            return torch.nn.Linear(2, 2)
+
+        def get_output_embeddings(self):
+            return torch.nn.Linear(2, 2)
+
+    with pytest.raises(ModelError, match="train.compile_model"):
+        compile_layers(NoLayers())
