@@ -10,6 +10,7 @@ two loops in the forward and in the backward.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -105,16 +106,26 @@ def _chunk_stats(
     return lp, ent, logp.mean(-1) if vocab_mean else None
 
 
-_COMPILED_STATS: list = []
+_COMPILED: dict[str, object] = {}
 
 
-def _stats_fn(compiled: bool):  # type: ignore[no-untyped-def]
-    """`_chunk_stats`, or its torch.compile'd twin (built on first use; shapes are dynamic)."""
-    if not compiled:
-        return _chunk_stats
-    if not _COMPILED_STATS:
-        _COMPILED_STATS.append(torch.compile(_chunk_stats, dynamic=True))
-    return _COMPILED_STATS[0]
+def _compiled_stats(*args: object) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """`_chunk_stats` through torch.compile (built on first use, dynamic shapes). A compile that fails
+    (at its first call, before anything runs) warns once and leaves the eager function in its
+    place; the eager call then re-raises any error that is not the compiler's."""
+    fn = _COMPILED.get("fn")
+    if fn is None:
+        fn = _COMPILED["fn"] = torch.compile(_chunk_stats, dynamic=True)
+    if fn is _chunk_stats:
+        return _chunk_stats(*args)  # type: ignore[arg-type]
+    try:
+        return fn(*args)  # type: ignore[operator]
+    except torch._dynamo.exc.TorchDynamoException as e:  # compiler failures only: checkpoint's recompute
+        # stops itself with an exception that must pass through
+        warnings.warn(f"compiling the log-prob chunk failed ({type(e).__name__}: {e}); using the eager one",
+                      stacklevel=2)
+        _COMPILED["fn"] = _chunk_stats
+        return _chunk_stats(*args)  # type: ignore[arg-type]
 
 
 def token_logprobs(
@@ -143,7 +154,7 @@ def token_logprobs(
     step = max(1, tokens // max(B, 1))
     mode = "grad" if entropy is True else (entropy or "")
     recompute = torch.is_grad_enabled() and step < R
-    stats = _stats_fn(compiled)
+    stats = _compiled_stats if compiled else _chunk_stats
     lps, ents, means = [], [], []
     for s in range(0, R, step):
         args = (head, hidden[:, s : s + step], targets[:, s : s + step], temperature, mode, vocab_mean)

@@ -367,3 +367,19 @@ def test_compile_model_on_a_model_without_layers_is_a_clear_error() -> None:
 
     with pytest.raises(ModelError, match="train.compile_model"):
         compile_layers(NoLayers())
+
+
+def test_a_failed_logprob_compile_warns_and_falls_back_to_eager(monkeypatch) -> None:
+    import guidedrl.logprobs as LP
+
+    def broken(*args):
+        raise torch._dynamo.exc.TorchDynamoException("inductor could not generate code")
+
+    monkeypatch.setattr(LP, "_COMPILED", {"fn": broken})
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(8, 20, bias=False)
+    hidden, targets = torch.randn(2, 5, 8, generator=g), torch.randint(0, 20, (2, 5), generator=g)
+    with pytest.warns(UserWarning, match="using the eager one"):
+        lp, _, _ = token_logprobs(head, hidden, targets, compiled=True)
+    assert LP._COMPILED["fn"] is LP._chunk_stats, "later chunks go straight to the eager function"
+    assert torch.allclose(lp, token_logprobs(head, hidden, targets)[0])
