@@ -22,6 +22,7 @@ def _offline_defaults() -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> int:
+    from guidedrl import dist
     from guidedrl.config import dump_config, load_config
     from guidedrl.runlog import console
     from guidedrl.train import default_run_dir, run
@@ -34,10 +35,14 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         cfg = load_config(a.recipe, a.set)
         run_dir = Path(a.out) if a.out else default_run_dir(cfg)
-    console.rule(f"guidedrl train: {cfg.name}")
-    console.print(dump_config(cfg), markup=False, highlight=False)
+    main = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone prints
+    if main:
+        console.rule(f"guidedrl train: {cfg.name}")
+        console.print(dump_config(cfg), markup=False, highlight=False)
     out = run(cfg, run_dir, resume=bool(a.resume))
-    console.print(f"run folder: {out}")
+    dist.shutdown()  # under torchrun: wait for every process, then leave the group
+    if main:
+        console.print(f"run folder: {out}")
     return 0
 
 

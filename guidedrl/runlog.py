@@ -90,3 +90,19 @@ class RunLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+class NullLogger:
+    """What processes other than 0 log under torchrun: nothing (process 0 logs the averaged metrics)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_completions(self, step: int, completions: list[Completion], n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -13,19 +13,19 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from guidedrl import algo
+from guidedrl import algo, dist
 from guidedrl.algo.shaping import groups_with_signal, overlong_penalty
 from guidedrl.batch import collate
 from guidedrl.config import Config, dump_config
-from guidedrl.errors import UserError
+from guidedrl.errors import ConfigError, UserError
 from guidedrl.rollout.collect import Guide, RolloutContext, collect
-from guidedrl.runlog import RunLogger, console
+from guidedrl.runlog import NullLogger, RunLogger, console
 from guidedrl.parts import Parts, build_parts
 from guidedrl.types import AdvantageInputs, Batch, Completion
 from guidedrl.update import NonFiniteError, optimizer_step, recompute_old, reference_logprobs
@@ -64,16 +64,17 @@ def seed_everything(seed: int) -> None:
 def sample_groups(parts: Parts, st: StepState) -> tuple[list[list[Completion]], dict[str, float]]:
     """One step's groups; with dynamic sampling, keep only groups with reward signal (DAPO)."""
     cfg, ds = parts.cfg, parts.cfg.algo.dynamic_sampling
-    n = cfg.train.prompts_per_step
-    seed = cfg.train.seed * 1_000_003 + st.step * 101
-    groups = collect(parts.selector.next(n), parts.ctx, parts.guide, seed=seed)
+    n = cfg.train.prompts_per_step // dist.world_size()  # this process's share (all draw the same prompts)
+    seed = cfg.train.seed * 1_000_003 + st.step * 101 + dist.rank() * 7_919
+    groups = collect(_my_share(parts.selector.next(n * dist.world_size())), parts.ctx, parts.guide, seed=seed)
     _shape_rewards(parts, groups)
     if not ds.enabled:
         return groups, {}
     kept = [g for g in groups if groups_with_signal(*_rewards_and_ids(g)).all()]
     rounds = 1
     while len(kept) < n and rounds < ds.max_batches:
-        more = collect(parts.selector.next(n), parts.ctx, parts.guide, seed=seed + rounds, group_offset=rounds * 100_000)
+        more = collect(_my_share(parts.selector.next(n * dist.world_size())), parts.ctx, parts.guide, seed=seed + rounds,
+                       group_offset=rounds * 100_000)
         _shape_rewards(parts, more)
         kept += [g for g in more if groups_with_signal(*_rewards_and_ids(g)).all()]
         rounds += 1
@@ -84,6 +85,12 @@ def sample_groups(parts: Parts, st: StepState) -> tuple[list[list[Completion]], 
             "algo.dynamic_sampling.on_short=partial, or use easier data."
         )
     return kept[:n], {"sampling/rounds": float(rounds), "sampling/kept_groups": float(min(len(kept), n))}
+
+
+def _my_share(items: list[Any]) -> list[Any]:
+    """This process's contiguous slice of a list every process drew alike (all of it with one process)."""
+    per = len(items) // dist.world_size()
+    return items[dist.rank() * per : (dist.rank() + 1) * per]
 
 
 def _rewards_and_ids(group: list[Completion]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -244,17 +251,25 @@ class _StopFlag:
 
 
 def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Path:
-    """Train `cfg` into `run_dir` (created; or continued from its latest checkpoint when resume)."""
-    from guidedrl.checkpoint import load_checkpoint, restore, save_checkpoint
-    from guidedrl.loop_eval import run_eval
+    """Train `cfg` into `run_dir` (created; or continued from its latest checkpoint when resume).
 
-    run_dir = run_dir or default_run_dir(cfg)
+    Under `torchrun` every process runs this; process 0 alone writes the run folder, evaluates and
+    saves (see `guidedrl.dist` for how the update is shared)."""
+    from guidedrl.checkpoint import load_checkpoint, restore, save_checkpoint
+
+    dist.init_from_env()
+    if cfg.train.prompts_per_step % dist.world_size():
+        raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not a multiple of the "
+                          f"{dist.world_size()} processes")
+    run_dir = Path(dist.broadcast_object(str(run_dir or default_run_dir(cfg))))  # process 0's clock names it
     if (run_dir / "DONE").exists() and not resume:
         raise TrainingError(f"{run_dir} holds a finished run; pick another run.name or use --resume")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
     seed_everything(cfg.train.seed)
     parts = build_parts(cfg)
+    dist.broadcast_module(parts.model)  # one policy on every process, whatever its init
     st = StepState()
     ckpt = load_checkpoint(run_dir) if resume else None
     if ckpt is not None:
@@ -263,41 +278,59 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
         parts.selector.load_state_dict(ckpt.state["selector"])
         if parts.guide is not None:
             parts.guide.load_state_dict(ckpt.state.get("guide", {}))
-    log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
-                    config=cfg.model_dump(mode="json"))
+    log: RunLogger | NullLogger = NullLogger()
+    if dist.is_main():
+        log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
+                        config=cfg.model_dump(mode="json"))
     if ckpt is not None:
         log.truncate_after(st.step - 1)
 
     def save() -> None:
+        if not dist.is_main():
+            return
         state = {"train": st.to_json(), "selector": parts.selector.state_dict(),
                  "guide": parts.guide.state_dict() if parts.guide is not None else {}}
         save_checkpoint(run_dir, st.step, model=parts.model, optimizer=parts.optimizer, scheduler=parts.scheduler,
                         state=state, keep_last=cfg.run.keep_last, tokenizer=parts.tokenizer)
 
     try:
-        with _StopFlag() as stop:
-            if st.step == 0 and cfg.eval.enabled and parts.eval_samples:
-                log.log(-1, run_eval(parts, run_dir / "eval_before.json"))
-            if st.step == 0 and cfg.guidance is not None and cfg.guidance.sft_stage is not None:
-                from guidedrl.guidance.sft import run_sft_stage
-
-                log.log(-1, run_sft_stage(parts, cfg.guidance.sft_stage))
-            while st.step < cfg.train.steps:
-                metrics, flat = train_step(parts, st)
-                log.log(st.step, metrics)
-                log.log_completions(st.step, flat, cfg.run.log_completions)
-                st.step += 1
-                if cfg.eval.enabled and cfg.eval.every and st.step % cfg.eval.every == 0 and st.step < cfg.train.steps:
-                    log.log(st.step - 1, run_eval(parts, None))
-                if (cfg.run.save_every and st.step % cfg.run.save_every == 0) or stop.requested:
-                    save()
-                if stop.requested:
-                    console.print(f"[yellow]stopped at step {st.step}; resume with: guidedrl train --resume {run_dir}")
-                    return run_dir
-            save()
-            if cfg.eval.enabled and parts.eval_samples:
-                log.log(st.step - 1, run_eval(parts, run_dir / "eval_after.json"))
+        if not _train_loop(parts, st, log, save, run_dir):
+            return run_dir
     finally:
         log.close()
-    (run_dir / "DONE").write_text(json.dumps({"steps": st.step, "finished": datetime.now().isoformat()}) + "\n")
+    if dist.is_main():
+        (run_dir / "DONE").write_text(json.dumps({"steps": st.step, "finished": datetime.now().isoformat()}) + "\n")
     return run_dir
+
+
+def _train_loop(parts: Parts, st: StepState, log: RunLogger | NullLogger, save: Callable[[], None], run_dir: Path) -> bool:
+    """Evaluate, (SFT stage,) train, checkpoint, evaluate. -> False when a signal stopped it early."""
+    from guidedrl.loop_eval import run_eval
+
+    cfg = parts.cfg
+    evaluate = cfg.eval.enabled and bool(parts.eval_samples) and dist.is_main()
+    with _StopFlag() as stop:
+        if st.step == 0 and evaluate:
+            log.log(-1, run_eval(parts, run_dir / "eval_before.json"))
+        if st.step == 0 and cfg.guidance is not None and cfg.guidance.sft_stage is not None:
+            from guidedrl.guidance.sft import run_sft_stage
+
+            log.log(-1, run_sft_stage(parts, cfg.guidance.sft_stage))
+            dist.broadcast_module(parts.model)  # every process ran the same SFT; keep them bitwise equal
+        while st.step < cfg.train.steps:
+            metrics, flat = train_step(parts, st)
+            log.log(st.step, dist.mean_metrics(metrics))
+            log.log_completions(st.step, flat, cfg.run.log_completions)
+            st.step += 1
+            if evaluate and cfg.eval.every and st.step % cfg.eval.every == 0 and st.step < cfg.train.steps:
+                log.log(st.step - 1, run_eval(parts, None))
+            stopping = dist.any_true(stop.requested)  # a signal to one process stops them all at this step
+            if (cfg.run.save_every and st.step % cfg.run.save_every == 0) or stopping:
+                save()
+            if stopping:
+                console.print(f"[yellow]stopped at step {st.step}; resume with: guidedrl train --resume {run_dir}")
+                return False
+        save()
+        if evaluate:
+            log.log(st.step - 1, run_eval(parts, run_dir / "eval_after.json"))
+    return True

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from guidedrl import algo
+from guidedrl import algo, dist
 from guidedrl.algo import losses as L
 from guidedrl.algo.reduce import build_reducer
 from guidedrl.config import AlgoConfig, ReduceConfig
@@ -145,6 +145,9 @@ def optimizer_step(
             break
         loss.backward()
         _accumulate(metrics, m, len(rows) / len(batch))
+    finite = dist.all_true(finite)  # every process skips, or none does (the collective below needs all)
+    if finite:
+        dist.sum_gradients(params)  # each process holds its share of the global loss: sum the shares
     grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else float("inf"))
     if not finite or not math.isfinite(float(grad_norm)):
         optimizer.zero_grad(set_to_none=True)

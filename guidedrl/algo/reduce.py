@@ -4,8 +4,9 @@
 batch once (summed over processes with `dist.global_sum`). Each micro-batch then divides by those
 global counts, so summing the micro-batch losses gives exactly the loss of the whole batch, and
 each process returns its share of the global loss (the shares sum over processes to the global
-loss). Under DDP/FSDP, which AVERAGE gradients over processes, the trainer must multiply the loss
-by `dist.world_size()` before backward (verl multiplies by dp_size for the same reason).
+loss). The trainer therefore SUMS gradients over processes (`dist.sum_gradients`); a wrapper that
+averages them (DDP/FSDP) would need the loss multiplied by `dist.world_size()` first, as verl
+multiplies by dp_size.
 
 Modes (per-token loss l_it, mask m_it, n_i = sum_t m_it):
 - token_mean:           sum_it l m / sum_it m                        (DAPO, Lite PPO)
