@@ -81,6 +81,11 @@ JOBS = {
 }
 
 
+# glibc's malloc returns big freed blocks to the OS (mmap'd chunks, heap trimming), so every step's
+# activations are fresh pages that fault in on first touch; these keep them (env, read at start)
+KEEP_FREED_MEMORY = {"MALLOC_MMAP_THRESHOLD_": "2000000000", "MALLOC_TRIM_THRESHOLD_": "2000000000"}
+
+
 # ----------------------------------------------------------------------------- shared job inputs
 
 
@@ -329,6 +334,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch threads on CPU (both sides)")
     ap.add_argument("--set", action="append", default=[], help="extra guidedrl override (repeatable)")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="both sides: glibc keeps freed memory for reuse (no page faults on each step's fresh "
+                         "activations; the allocator tuning PyTorch's CPU guide recommends)")
     ap.add_argument("--child", choices=["guidedrl", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
@@ -351,7 +359,7 @@ def main() -> None:
                 cmd = [sys.executable, __file__, "--job", a.job, "--child", side, "--folder", str(folder),
                        "--out", str(out)] + [f"--set={o}" for o in a.set] + sum(([f"--{k.replace('_', '-')}", str(v)] for k, v in over.items() if v is not None), [])
                 t0 = time.perf_counter()
-                subprocess.run(cmd, check=True)
+                subprocess.run(cmd, check=True, env=os.environ | (KEEP_FREED_MEMORY if a.keep_freed_memory else {}))
                 r = json.loads(out.read_text())
                 print(f"round {rnd} {side}: warm-up {', '.join(f'{x:.1f}' for x in r['warmup_s'])} s; "
                       f"median step {median(r['step_s']):.3f} s "
@@ -365,6 +373,7 @@ def main() -> None:
                 acc["prompt_tokens"], acc["params"] = r["prompt_tokens"], r["params"]
     s = summarize(job, results)
     s["machine"] = machine_info(job)
+    s["keep_freed_memory"] = bool(a.keep_freed_memory)
     s["date"] = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print_table(s)
     print(json.dumps(s["machine"]))
