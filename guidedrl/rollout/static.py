@@ -59,17 +59,22 @@ def grouped_decode_attention(
     (B, Q, Hq, D). Query head h reads KV head h // (Hq / Hkv), as transformers' `repeat_kv` does.
     """
     B, Hq, Q, D = query.shape
-    Hkv, L = key.shape[1], key.shape[2]
-    g = Hq // Hkv
-    scale = D**-0.5 if scaling is None else scaling
-    q = query.reshape(B, Hkv, g * Q, D)  # (B, Hkv, g*Q, D): heads of one KV group are adjacent
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g*Q, L)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :L].float()  # (B, 1, Q, L)
-        scores = (scores.view(B, Hkv, g, Q, L) + m[:, :, None]).view(B, Hkv, g * Q, L)
-    probs = scores.softmax(-1).to(value.dtype)
+    q = query.reshape(B, key.shape[1], Hq // key.shape[1] * Q, D)  # (B, Hkv, g*Q, D): a KV group's heads adjacent
+    probs = _own_scores(q, key, attention_mask, Q, scaling).softmax(-1).to(value.dtype)
     out = torch.matmul(probs, value)  # (B, Hkv, g*Q, D)
     return out.view(B, Hq, Q, D).transpose(1, 2).contiguous(), None
+
+
+def _own_scores(q: Tensor, key: Tensor, attention_mask: Tensor | None, Q: int, scaling: float | None) -> Tensor:
+    """Masked float32 scores of grouped queries q (B, Hkv, g*Q, D) over key (B, Hkv, L, D), with the
+    additive mask (B, 1, Q, L) broadcast over each KV group's g heads -> (B, Hkv, g*Q, L)."""
+    B, Hkv, gQ, D = q.shape
+    L = key.shape[2]
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (D**-0.5 if scaling is None else scaling)
+    if attention_mask is None:
+        return scores
+    m = attention_mask[:, :, :, :L].float()  # (B, 1, Q, L)
+    return (scores.view(B, Hkv, gQ // Q, Q, L) + m[:, :, None]).view(B, Hkv, gQ, L)
 
 
 def cascade_decode_attention(
@@ -100,16 +105,13 @@ def cascade_decode_attention(
         key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]  # unwritten slots
     B, Hq, Q, D = query.shape
     U, Hkv, P, _ = pk.shape
-    G, g, L = B // U, Hq // Hkv, key.shape[2]
+    G, g = B // U, Hq // Hkv
     scale = D**-0.5 if scaling is None else scaling
     q = query.reshape(B, Hkv, g * Q, D)  # heads of one KV group adjacent, as in grouped_decode_attention
     qg = q.view(U, G, Hkv, g * Q, D).transpose(1, 2).reshape(U, Hkv, G * g * Q, D)  # a group's queries together
     s_p = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale  # (U, Hkv, G*g*Q, P)
     s_p = s_p + pmask.float()  # prompt padding, (U, 1, 1, P)
-    s_r = torch.matmul(q, key.transpose(-1, -2)).float() * scale  # (B, Hkv, g*Q, L)
-    if attention_mask is not None:
-        m = attention_mask[:, :, :, :L].float()  # (B, 1, Q, L)
-        s_r = (s_r.view(B, Hkv, g, Q, L) + m[:, :, None]).view(B, Hkv, g * Q, L)
+    s_r = _own_scores(q, key, attention_mask, Q, scaling)  # (B, Hkv, g*Q, L)
     s_p = s_p.view(U, Hkv, G, g * Q, P).transpose(1, 2).reshape(B, Hkv, g * Q, P)
     probs = torch.cat([s_p, s_r], -1).softmax(-1).to(value.dtype)  # (B, Hkv, g*Q, P+L): one softmax
     p_p = probs[..., :P].reshape(U, G, Hkv, g * Q, P).transpose(1, 2).reshape(U, Hkv, G * g * Q, P)
