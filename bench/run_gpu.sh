@@ -15,6 +15,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__)" | tee -a "$OUT/gpu.txt"
 timeout "${T_TESTS:-110}" python3 -m pytest tests/gpu -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 echo "tests done at $(( $(date +%s) - t0 )) s"
+timeout "${T_DIAG:-90}" python3 bench/diag_bf16.py 2>&1 | grep -v Warning | tee "$OUT/diag_bf16.log"
+echo "bf16 diagnosis done at $(( $(date +%s) - t0 )) s"
 timeout "${T_BENCH:-240}" python3 bench/bench_trl.py --job gpu --warmup 2 --steps 4 --json "$OUT/gpu.json" 2>&1 \
   | grep -v "^{'loss'" | tee "$OUT/gpu_bench.log"
 echo "bench done at $(( $(date +%s) - t0 )) s"
