@@ -241,12 +241,20 @@ class PPOClipLoss(Strict):
     """False = the unclipped ratio -A*rho (LUFFY, Critique-GRPO)."""
     offpolicy: OffPolicyWeight = Field(default_factory=OffPolicyWeight)
 
+    @property
+    def inert_at_zero_advantage(self) -> bool:
+        """Every token's loss is a multiple of its advantage, so a row whose advantages are all 0 adds
+        exactly no gradient; not so with a percentile gamma, which every off-policy token shifts."""
+        return self.offpolicy.gamma_percentile is None
+
 
 class ReinforceLoss(Strict):
     """-A * logprob (no ratio), scaled by 1/(1+tau) (R3L's OPMD uses tau=1)."""
 
     name: Literal["reinforce"] = "reinforce"
     tau: float = 0.0
+    inert_at_zero_advantage: ClassVar[bool] = True
+    """-A logp: a row whose advantages are all 0 adds exactly no gradient."""
 
 
 class NFTLoss(Strict):
@@ -370,6 +378,12 @@ class TrainConfig(Strict):
     the prefill: inductor fuses the layers' elementwise passes. A one-off compile of about 20 s on
     a 2-core CPU for a small model. On the CPU benchmark it cut forward + backward by 8% alone, and
     the whole step by less than the run-to-run noise (docs/performance.md)."""
+    skip_inert_rows: bool = True
+    """Leave out of the update's forward and backward the rows that add exactly no gradient: every
+    advantage 0 (a GRPO group with equal rewards), under a loss whose tokens are multiples of their
+    advantage (ppo_clip, reinforce) and no other per-row term (entropy bonus, KL loss, CE, critic,
+    calibration). The gradient is the same; the update's logged token metrics (entropy, clipfrac,
+    ...) then cover the trained rows, and `update/skipped_rows` is the share left out."""
     compile_logprobs: bool = False
     """torch.compile the per-chunk LM head + log-softmax + gather + entropy of the update (one fused
     pass over the chunk's logits forward and backward; a one-off compile of a few seconds). Pays for

@@ -37,10 +37,12 @@ class Objective:
     needs: frozenset[str] = field(default_factory=frozenset)
     compiled: bool = False
     """torch.compile the per-chunk log-prob / entropy pass (`train.compile_logprobs`)."""
+    skip_inert: bool = False
+    """Leave rows that add no gradient out of the update (`train.skip_inert_rows`; `inert_rows`)."""
 
     @classmethod
     def from_config(
-        cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int, compiled: bool = False
+        cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int, compiled: bool = False, skip_inert: bool = False
     ) -> "Objective":
         return cls(
             cfg=cfg,
@@ -49,12 +51,29 @@ class Objective:
             default_constant=float(max_new_tokens),
             needs=cfg.loss.needs,
             compiled=compiled,
+            skip_inert=skip_inert,
         )
 
+    def inert_rows(self, batch: Batch) -> Tensor:
+        """(B,) rows whose gradient is exactly zero: every counted advantage is 0, the loss is a
+        multiple of the advantage token by token, and no other term reads the row. All False when
+        skipping is off or the objective has such a term."""
+        c = self.cfg
+        other_terms = (c.entropy_coef or (c.kl.coef and not c.kl.in_reward) or c.ce_coef or c.value is not None
+                       or c.calibration is not None)
+        if not self.skip_inert or other_terms or not getattr(c.loss, "inert_at_zero_advantage", False):
+            return torch.zeros(len(batch), dtype=torch.bool, device=batch.mask.device)
+        assert batch.advantages is not None, "advantages must be computed before the update"
+        return ((batch.advantages * batch.mask) == 0).all(-1)  # (B,)
+
     def micro_loss(
-        self, model: nn.Module, mb: Batch, red: Reducer, ce_red: Reducer, value_head: nn.Module | None
+        self, model: nn.Module, mb: Batch, red: Reducer, ce_red: Reducer, value_head: nn.Module | None,
+        metric_red: Reducer | None = None,
     ) -> tuple[Tensor, dict[str, float]]:
-        """Loss of one micro-batch, already scaled so that micro-batch losses sum to the batch loss."""
+        """Loss of one micro-batch, already scaled so that micro-batch losses sum to the batch loss.
+
+        metric_red: the reducer of the logged entropy when it is only a metric (the trained rows'
+        counts, when inert rows were left out); default `red`."""
         c = self.cfg
         out = policy_outputs(
             model, mb, temperature=self.temperature, entropy="grad" if c.entropy_coef else "metric",
@@ -71,7 +90,7 @@ class Objective:
         total = pg.loss
         metrics = {f"loss/{k}" if k == "policy" else k: v for k, v in pg.metrics.items()}
         metrics["loss/policy"] = float(pg.loss.detach())
-        ent = L.entropy_bonus(out.entropy, mb.mask, red)
+        ent = L.entropy_bonus(out.entropy, mb.mask, red if c.entropy_coef or metric_red is None else metric_red)
         metrics["entropy"] = float(ent.loss.detach())
         if c.entropy_coef:
             total = total - c.entropy_coef * ent.loss
@@ -135,16 +154,22 @@ def optimizer_step(
     """Accumulate gradients over micro-batches of `batch`, then step. -> (metrics, finite)."""
     red = build_reducer(obj.cfg.reduce, batch.mask, obj.default_constant)
     ce_red = build_reducer(ReduceConfig(name="token_mean"), batch.mask * batch.sft.float(), obj.default_constant)
+    keep = (~obj.inert_rows(batch)).nonzero().squeeze(-1).tolist()  # rows with a gradient
+    trained = batch if len(keep) == len(batch) else batch.select(keep)
+    metric_red = build_reducer(obj.cfg.reduce, trained.mask, obj.default_constant)  # on every process: a collective
     optimizer.zero_grad(set_to_none=True)
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = {"update/skipped_rows": 1.0 - len(keep) / len(batch)}
     finite = True
-    for rows in _length_sorted_micro_batches(batch, micro_batch_size):
-        loss, m = obj.micro_loss(model, batch.select(rows).trimmed(), red, ce_red, value_head)
+    for rows in _length_sorted_micro_batches(trained, micro_batch_size) if keep else []:
+        loss, m = obj.micro_loss(model, trained.select(rows).trimmed(), red, ce_red, value_head, metric_red)
         if not torch.isfinite(loss):
             finite = False
             break
         loss.backward()
-        _accumulate(metrics, m, len(rows) / len(batch))
+        _accumulate(metrics, m, len(rows) / len(trained))
+    if not keep:  # every row inert: the gradient is exactly zero, and AdamW still steps its moments on it
+        for p in params:
+            p.grad = torch.zeros_like(p)
     finite = dist.all_true(finite)  # every process skips, or none does (the collective below needs all)
     if finite:
         dist.sum_gradients(params)  # each process holds its share of the global loss: sum the shares

@@ -383,3 +383,81 @@ def test_a_failed_logprob_compile_warns_and_falls_back_to_eager(monkeypatch) -> 
         lp, _, _ = token_logprobs(head, hidden, targets, compiled=True)
     assert LP._COMPILED["fn"] is LP._chunk_stats, "later chunks go straight to the eager function"
     assert torch.allclose(lp, token_logprobs(head, hidden, targets)[0])
+
+
+def _grouped_batch(model, tok, seed: int):
+    """A collated batch of 3 groups of 4 (unequal prompts) with random advantages on counted tokens."""
+    reqs = _group_reqs(tok)
+    out = HFEngine(model, tok, RolloutConfig(max_new_tokens=8, temperature=1.0)).generate(reqs, seed=seed)
+    comps = [to_completion(Sample(id=str(i), prompt=""), i, Plan(context=reqs[i].context, n=1), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    b.advantages = torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(seed)) * b.mask  # (B, R)
+    return b
+
+
+def _step(model, b, *, skip: bool, opt_cls=torch.optim.SGD, lr: float = 0.0, algo=None, opt=None):
+    from guidedrl.config import AlgoConfig
+    from guidedrl.update import Objective, optimizer_step
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = opt or opt_cls(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    obj = Objective.from_config(algo or AlgoConfig(), temperature=1.0, max_new_tokens=8, skip_inert=skip)
+    metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=3, grad_clip=None)
+    assert finite
+    return metrics, [p.grad.clone() for p in params], opt
+
+
+def test_inert_rows_are_left_out_with_the_same_gradient(tiny, monkeypatch) -> None:
+    from guidedrl.update import Objective
+
+    model, tok = tiny
+    b = _grouped_batch(model, tok, seed=3)
+    b.advantages[4:8] = 0.0  # group 1: equal rewards, so zero advantage on every token
+    seen: list[int] = []
+    orig = Objective.micro_loss
+    monkeypatch.setattr(Objective, "micro_loss", lambda self, m, mb, *a: (seen.append(len(mb)), orig(self, m, mb, *a))[1])
+    m_all, g_all, _ = _step(model, b, skip=False)
+    assert sum(seen) == 12
+    seen.clear()
+    m_skip, g_skip, _ = _step(model, b, skip=True)
+    assert sum(seen) == 8, "the 4 zero-advantage rows were not forwarded"
+    assert m_skip["update/skipped_rows"] == pytest.approx(4 / 12) and m_all["update/skipped_rows"] == 0.0
+    for a, c in zip(g_all, g_skip, strict=True):
+        assert torch.allclose(a, c, atol=1e-6)
+    assert m_skip["loss/policy"] == pytest.approx(m_all["loss/policy"], abs=1e-6), "inert rows add no loss"
+
+
+def test_a_step_of_only_inert_rows_moves_adamw_as_the_full_step_does(tiny) -> None:
+    import copy
+
+    model, tok = tiny
+    b = _grouped_batch(model, tok, seed=4)
+    twin = copy.deepcopy(model)
+    _, _, opt_a = _step(model, b, skip=True, opt_cls=torch.optim.AdamW, lr=1e-2)  # moments now nonzero
+    _, _, opt_b = _step(twin, b, skip=False, opt_cls=torch.optim.AdamW, lr=1e-2)
+    b.advantages.zero_()  # every group with equal rewards
+    m, grads, _ = _step(model, b, skip=True, opt=opt_a)
+    _step(twin, b, skip=False, opt=opt_b)
+    assert m["update/skipped_rows"] == 1.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert torch.allclose(p, q, atol=1e-7), "the momentum step without a forward differs"
+
+
+def test_rows_are_not_inert_when_another_term_or_the_loss_reads_them(tiny) -> None:
+    from guidedrl.config import AlgoConfig, PACSLoss, PPOClipLoss
+    from guidedrl.update import Objective
+
+    model, tok = tiny
+    b = _grouped_batch(model, tok, seed=5)
+    b.advantages.zero_()
+
+    def inert(**kw) -> int:
+        return int(Objective.from_config(AlgoConfig(**kw), 1.0, 8, skip_inert=True).inert_rows(b).sum())
+
+    assert inert() == 12
+    assert inert(entropy_coef=0.01) == 0, "an entropy bonus has a gradient on every row"
+    assert inert(loss=PACSLoss()) == 0, "PACS reads rewards, not only advantages"
+    assert inert(loss=PPOClipLoss(offpolicy={"gamma_percentile": 0.9})) == 0, "a percentile gamma couples rows"
+    assert int(Objective.from_config(AlgoConfig(), 1.0, 8, skip_inert=False).inert_rows(b).sum()) == 0
