@@ -35,7 +35,8 @@ def cmd_train(a: argparse.Namespace) -> int:
     else:
         cfg = load_config(a.recipe, a.set)
         run_dir = Path(a.out) if a.out else default_run_dir(cfg)
-    main = os.environ.get("RANK", "0") == "0"  # under torchrun, process 0 alone prints
+    dist.init_from_env()  # under torchrun: join the group now, so that process 0 alone prints
+    main = dist.is_main()
     if main:
         console.rule(f"guidedrl train: {cfg.name}")
         console.print(dump_config(cfg), markup=False, highlight=False)

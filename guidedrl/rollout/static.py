@@ -166,6 +166,7 @@ class StaticDecoder:
         self._key: tuple[Any, ...] | None = None
         self._bufs: dict[str, Any] = {}
         self._step: Callable[..., None] | None = None
+        self._advance: Callable[[Tensor, Tensor, Tensor], None] | None = None
         _register_attention()
 
     def _graph_forward(self, dev: torch.device) -> bool:
@@ -216,32 +217,17 @@ class StaticDecoder:
         for t in [*b["pk"], *b["pv"], *(v for k, v in b.items() if isinstance(v, Tensor))]:
             torch._dynamo.mark_static_address(t)
         self._bufs = b
-        self._step = self._make_step(sampling, compile_now=self.compile_step, dev=dev)
+        self._advance = self._make_advance(sampling)
+        self._step = self._make_step(compile_now=self.compile_step, dev=dev)
         self._key = key
 
-    def _make_step(self, sampling: tuple[Any, ...], *, compile_now: bool, dev: torch.device) -> Callable[..., None]:
-        """The decode step: `unroll` times (model forward over the static buffers, sample, record, advance).
-
-        Compiled on CPU as one function (inductor fuses the sampler's (B, V) passes). On CUDA only the
-        forward is compiled (a CUDA graph) and the sampler runs eagerly, a handful of kernels a token:
-        inductor (torch 2.11) failed to generate the split scan of the sampler's cumsum over a
-        151936-token vocabulary on an H100, and a failed compile means an uncompiled decode.
-        """
+    def _make_advance(self, sampling: tuple[Any, ...]) -> Callable[[Tensor, Tensor, Tensor], None]:
+        """advance(logits (B, V), eos, pad): sample token t from the logits, record it and its
+        behaviour log-prob at column t, make it the next input, and move t and the position on."""
         from guidedrl.rollout.hf import _filter_logits
 
-        temperature, top_k, top_p, pad_id = sampling
-        b, model, kw = self._bufs, self.model, self.cache_kw
-        k = self._tokens_per_call(dev)
-        B = b["out_ids"].shape[0]
-
-        def forward(slots: Tensor) -> Tensor:
-            """slots (n,): the response slots this call may read (the first n of L; all of them on CUDA)."""
-            n = slots.shape[0]
-            neg = torch.finfo(b["pmask"].dtype).min  # response slots 0..t-1 are visible (slot t-1: this token)
-            mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, n).expand(B, 1, 1, n)
-            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=True,
-                        logits_to_keep=1, guidedrl_prefix=(b["pk"], b["pv"], b["pmask"]), **{kw: b["cache"]})
-            return res.logits[:, -1, :]  # (B, V)
+        temperature, top_k, top_p, _ = sampling
+        b = self._bufs
 
         def advance(logits: Tensor, eos: Tensor, pad: Tensor) -> None:
             t = b["t"]
@@ -253,6 +239,30 @@ class StaticDecoder:
             b["ids"].copy_(nxt[:, None])
             b["pos"].add_(1)
             t.add_(1)
+
+        return advance
+
+    def _make_step(self, *, compile_now: bool, dev: torch.device) -> Callable[..., None]:
+        """The decode step: `unroll` times (model forward over the static buffers, sample, record, advance).
+
+        Compiled on CPU as one function (inductor fuses the sampler's (B, V) passes). On CUDA only the
+        forward is compiled (a CUDA graph) and the sampler runs eagerly, a handful of kernels a token:
+        inductor (torch 2.11) failed to generate the split scan of the sampler's cumsum over a
+        151936-token vocabulary on an H100, and a failed compile means an uncompiled decode.
+        """
+        b, model, kw, advance = self._bufs, self.model, self.cache_kw, self._advance
+        assert advance is not None
+        k = self._tokens_per_call(dev)
+        B = b["out_ids"].shape[0]
+
+        def forward(slots: Tensor) -> Tensor:
+            """slots (n,): the response slots this call may read (the first n of L; all of them on CUDA)."""
+            n = slots.shape[0]
+            neg = torch.finfo(b["pmask"].dtype).min  # response slots 0..t-1 are visible (slot t-1: this token)
+            mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, n).expand(B, 1, 1, n)
+            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=True,
+                        logits_to_keep=1, guidedrl_prefix=(b["pk"], b["pv"], b["pmask"]), **{kw: b["cache"]})
+            return res.logits[:, -1, :]  # (B, V)
 
         if compile_now and self._graph_forward(dev):  # one graph over the whole cache: shapes never change
             fwd = torch.compile(forward, mode="reduce-overhead", dynamic=False)
@@ -292,8 +302,6 @@ class StaticDecoder:
         first_logits (U, V): their last-position logits; attn (U, P) their attention mask.
         -> out_ids (B, max_new) with pad after a row's eos, out_logprobs (B, max_new) (0 there).
         """
-        from guidedrl.rollout.hf import _filter_logits
-
         U, P = attn.shape
         B, V, dev = len(inverse), first_logits.shape[-1], first_logits.device
         dtype = prefill_cache.layers[0].keys.dtype
@@ -313,12 +321,9 @@ class StaticDecoder:
         b["min_new"].fill_(min_new)
         b["out_ids"].fill_(pad_id)
         b["out_lp"].zero_()
-        bias = b["eos_bias"] if min_new > 0 else torch.zeros_like(b["eos_bias"])
-        nxt, lp = sample_tokens(first_logits[inverse], bias, b["draws"][0], b["done"], eos, pad,
-                                temperature, top_k, top_p, _filter_logits)
-        b["out_ids"][:, 0], b["out_lp"][:, 0] = nxt, lp
-        b["ids"].copy_(nxt[:, None])
-        b["t"].fill_(1)
+        b["t"].zero_()
+        assert self._advance is not None
+        self._advance(first_logits[inverse], eos, pad)  # token 0, from the prefill's last logits
         with attention_implementation(self.config, ATTN_NAME):
             t, checked = 1, 1
             while t < max_new:
@@ -344,7 +349,7 @@ class StaticDecoder:
             warnings.warn(f"compiling the decode step failed ({type(e).__name__}: {e}); decoding uncompiled",
                           stacklevel=2)
             self.compile_step = False
-            self._step = self._make_step(self._key[-1], compile_now=False, dev=self._key[1])
+            self._step = self._make_step(compile_now=False, dev=self._key[1])
             self._step(eos, pad, slots)
 
     def _load_prefill(self, prefill_cache: Any, attn: Tensor, inverse: Tensor, grouped: bool) -> None:
@@ -361,7 +366,7 @@ class StaticDecoder:
         neg = torch.finfo(b["pmask"].dtype).min
         b["pmask"].fill_(neg)
         b["pmask"][:, 0, 0, -P:] = torch.where(attn[rows].bool(), 0.0, neg).to(b["pmask"].dtype)
-        b["pos"].copy_(attn[inv].sum(-1, keepdim=True))  # (B, 1) position of the first new token
+        b["pos"].copy_(attn[inv].sum(-1, keepdim=True) - 1)  # (B, 1) the prompt's last position; token 0 moves it on
         b["done"].zero_()
 
 
