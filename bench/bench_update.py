@@ -3,11 +3,14 @@
     .venv/bin/python bench/bench_update.py                 # the CPU job's shapes, 1 thread
     .venv/bin/python bench/bench_update.py --ragged        # response lengths spread over 1/8..1 of R
 
-Ways (each the same loss and gradients, see tests/test_fastpaths.py):
+Ways (each the same loss and gradients, see tests/test_fastpaths.py and tests/test_cascade.py):
 - plain: every row's prompt + response through the trunk, micro-batches in row order, untrimmed;
-- shared: each group's prompt once, its KV cache expanded to the group's rows;
-- shared+trim: also micro-batches of whole groups sorted by length, all-padding columns cut
+- shared: each group's prompt once, its KV cache expanded to the group's rows, an explicit mask;
+- cascade: each group's prompt once, the responses attend to it by cascade attention
+  (`guidedrl.cascade`, CPU);
+- cascade+trim: also micro-batches of whole groups sorted by length, all-padding columns cut
   (what `guidedrl.update.optimizer_step` does).
+The ways run interleaved (one repeat of each in turn), so a change of machine load hits all.
 The model and batch shapes default to bench_trl.py's CPU job (hidden 64, 2 layers, vocab 512,
 8 prompts x 8 samples, 64-token prompts, 128-token responses, micro-batches of 64).
 """
@@ -48,12 +51,12 @@ def make_batch(a: argparse.Namespace) -> Batch:
 
 def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str) -> float:
     t0 = time.perf_counter()
-    if way == "shared+trim":
+    if way.endswith("+trim"):
         parts = [batch.select(rows).trimmed() for rows in _length_sorted_micro_batches(batch, micro)]
     else:
         parts = [batch.select(rows) for rows in _micro_slices(len(batch), micro)]
     for mb in parts:
-        lp = policy_outputs(model, mb, share_prompts=way != "plain").logprobs  # (b, R)
+        lp = policy_outputs(model, mb, share_prompts=way != "plain", cascade=way.startswith("cascade")).logprobs  # (b, R)
         (-(lp * mb.advantages).sum() / batch.mask.sum()).backward()
     return time.perf_counter() - t0
 
@@ -77,11 +80,13 @@ def main() -> None:
     batch = make_batch(a)
     print(f"batch {len(batch)} rows, P={batch.prompt_len}, R={batch.response_ids.shape[1]}, "
           f"real response tokens {int(batch.response_mask.sum())}, threads {a.threads}")
-    results = {}
-    for way in ("plain", "shared", "shared+trim"):
-        times = [fwd_bwd(model, batch, a.micro_batch, way) for _ in range(a.repeats)]
-        model.zero_grad(set_to_none=True)
-        results[way] = statistics.median(times[1:])
+    ways = ("plain", "shared", "cascade", "cascade+trim")
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    for _ in range(a.repeats):
+        for way in ways:
+            times[way].append(fwd_bwd(model, batch, a.micro_batch, way))
+            model.zero_grad(set_to_none=True)
+    results = {w: statistics.median(t[1:]) for w, t in times.items()}
     for way, t in results.items():
         print(f"{way:12s} fwd+bwd median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
 

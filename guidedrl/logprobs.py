@@ -17,7 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from guidedrl.models import cache_kwarg, trunk_and_head
+from guidedrl import cascade as _cascade
+from guidedrl.models import attention_implementation, cache_kwarg, trunk_and_head
 from guidedrl.types import Batch
 
 
@@ -48,13 +49,16 @@ def _shared_prompts(batch: Batch) -> tuple[Tensor, Tensor] | None:
     return starts.nonzero().squeeze(-1), starts.cumsum(0) - 1
 
 
-def response_hidden(model: nn.Module, batch: Batch, *, share_prompts: bool = True) -> Tensor:
+def response_hidden(model: nn.Module, batch: Batch, *, share_prompts: bool = True, cascade: bool = True) -> Tensor:
     """Hidden states that predict each response token: (B, R, H).
 
     share_prompts: when rows share their prompt (the G samples of a group), the trunk runs over each
-    distinct prompt once and the responses attend to its KV cache, expanded to their rows; the
-    backward flows through the expanded cache into the one prompt forward. Same values as the plain
-    forward over every row's full sequence (tested), with B*P - U*P fewer tokens through the trunk.
+    distinct prompt once and the responses attend to its keys and values; the backward flows into
+    the one prompt forward. Same values as the plain forward over every row's full sequence
+    (tested), with B*P - U*P fewer tokens through the trunk. How the responses attend to the prompt:
+    on CPU with equal groups, right-padded responses and a plain causal model, `cascade` attention
+    (`guidedrl.cascade`: the prompt keys once per group, no mask); otherwise the prompt's KV cache
+    expanded to the rows and an explicit mask.
     """
     trunk, _ = trunk_and_head(model)
     P, R = batch.prompt_len, batch.response_ids.shape[1]
@@ -73,14 +77,33 @@ def response_hidden(model: nn.Module, batch: Batch, *, share_prompts: bool = Tru
     )
     kw = cache_kwarg(trunk)
     cache = getattr(pre, kw)
+    last = pre.last_hidden_state[:, P - 1 : P][inverse]  # (B, 1, H) predicts response token 0
+    resp = dict(input_ids=batch.input_ids[:, P : P + R - 1], position_ids=batch.position_ids[:, P : P + R - 1])
+    if cascade and _cascade_applies(trunk, batch, first):
+        prompt_mask = batch.attention_mask[first, :P]  # (U, P)
+        pmask = None if bool(prompt_mask.all()) else torch.where(
+            prompt_mask.bool(), 0.0, torch.finfo(torch.float32).min)[:, None, None, :]  # (U, 1, 1, P) additive
+        prefix = ([layer.keys for layer in cache.layers], [layer.values for layer in cache.layers], pmask)
+        _cascade.register()
+        with attention_implementation(trunk.config, _cascade.ATTN_NAME):
+            out = trunk(**resp, use_cache=False, guidedrl_prefix=prefix)
+        return torch.cat([last, out.last_hidden_state], 1)  # (B, R, H)
     for layer in cache.layers:
         layer.batch_select_indices(inverse)  # (U, ...) -> (B, ...); indexing keeps the graph
-    out = trunk(
-        input_ids=batch.input_ids[:, P : P + R - 1], attention_mask=batch.attention_mask[:, : P + R - 1],
-        position_ids=batch.position_ids[:, P : P + R - 1], use_cache=True, **{kw: cache},
-    )
-    last = pre.last_hidden_state[:, P - 1 : P][inverse]  # (B, 1, H) predicts response token 0
+    out = trunk(**resp, attention_mask=batch.attention_mask[:, : P + R - 1], use_cache=True, **{kw: cache})
     return torch.cat([last, out.last_hidden_state], 1)  # (B, R, H)
+
+
+def _cascade_applies(trunk: nn.Module, batch: Batch, first: Tensor) -> bool:
+    """Cascade training attention's conditions: CPU, equal adjacent groups (row b continues prompt
+    b // G), each row's response tokens before its padding, a plain causal model."""
+    B, U = len(batch), len(first)
+    if batch.input_ids.device.type != "cpu" or B % U or not _cascade.supports(trunk.config):
+        return False
+    if not torch.equal(first, torch.arange(0, B, B // U, device=first.device)):
+        return False
+    am = batch.attention_mask[:, batch.prompt_len :]  # (B, R)
+    return bool((am[:, 1:] <= am[:, :-1]).all())  # 1...1 0...0 in every row
 
 
 def _chunk_stats(
@@ -181,12 +204,13 @@ def policy_outputs(
     vocab_mean: bool = False,
     value_head: nn.Module | None = None,
     share_prompts: bool = True,
+    cascade: bool = True,
     compiled: bool = False,
 ) -> PolicyOutputs:
-    """Forward the policy over `batch` and gather what the losses need (share_prompts: see
-    `response_hidden`; off only to measure or check it; compiled: see `token_logprobs`)."""
+    """Forward the policy over `batch` and gather what the losses need (share_prompts, cascade: see
+    `response_hidden`; off only to measure or check them; compiled: see `token_logprobs`)."""
     _, head = trunk_and_head(model)
-    h = response_hidden(model, batch, share_prompts=share_prompts)
+    h = response_hidden(model, batch, share_prompts=share_prompts, cascade=cascade)
     lp, ent, vm = token_logprobs(
         head, h, batch.response_ids, temperature=temperature, entropy=entropy, vocab_mean=vocab_mean,
         compiled=compiled,

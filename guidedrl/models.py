@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import inspect
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -241,3 +242,15 @@ def compile_layers(model: nn.Module) -> int:
     for layer in layers:
         layer.compile(dynamic=True)
     return len(layers)
+
+
+@contextmanager
+def attention_implementation(config: Any, name: str) -> Iterator[None]:
+    """Temporarily switch the model's attention function to a registered one (the decode step's and
+    the shared-prompt update's); the model's own setting is restored after."""
+    old = config._attn_implementation
+    config._attn_implementation = name
+    try:
+        yield
+    finally:
+        config._attn_implementation = old

@@ -34,11 +34,12 @@ is done (fixed shapes); the loop checks for that every `check_every` steps.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
+
+from guidedrl.models import attention_implementation
 
 ATTN_NAME = "guidedrl_grouped_decode"
 
@@ -124,17 +125,6 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, cascade_decode_attention)
-
-
-@contextmanager
-def attention_implementation(config: Any, name: str) -> Iterator[None]:
-    """Temporarily switch the model's attention function (training keeps its own)."""
-    old = config._attn_implementation
-    config._attn_implementation = name
-    try:
-        yield
-    finally:
-        config._attn_implementation = old
 
 
 def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
