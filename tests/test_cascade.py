@@ -135,3 +135,14 @@ def test_supports_only_plain_causal_models() -> None:
         model_type = "gemma2"
 
     assert not cascade.supports(Other())
+
+
+def test_cascade_forward_in_bfloat16_is_close_to_the_plain_one(tiny, monkeypatch) -> None:
+    model, _ = tiny
+    model.to(torch.bfloat16)
+    b = _batch([4, 4], [6, 2, 7, 7, 3, 7, 5, 1])  # left-padded prompts: a float32 mask with bf16 queries
+    calls = _count_calls(monkeypatch)
+    h_plain = response_hidden(model, b, share_prompts=False).float() * b.mask[..., None]
+    h = response_hidden(model, b).float() * b.mask[..., None]
+    assert len(calls) == 2 and torch.isfinite(h).all()
+    assert (h - h_plain).abs().max() <= 0.05 * h_plain.abs().max()

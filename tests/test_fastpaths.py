@@ -5,8 +5,8 @@
 - the static-cache decode (compiled on CPU in one test, on GPU in tests/gpu) vs the plain loop:
   token for token under greedy decoding, log-probs to 1e-4, behaviour log-probs = a fresh forward;
   with equal groups (one shared prompt store, cascade attention) and without, 1 and 3 tokens a call;
-- grouped decode attention vs transformers' sdpa over repeated KV heads; cascade decode attention
-  vs sdpa over every row's own [prompt; response] keys;
+- cascade decode attention (eager and compiled) vs sdpa over every row's own [prompt; response]
+  keys over repeated KV heads;
 - the compiled log-prob / entropy chunk vs the eager one (values and gradients);
 - compiled decoder layers (`train.compile_model`) vs eager ones: log-probs and gradients;
 - the inverse-CDF sampler draws from the right distribution;
@@ -31,7 +31,7 @@ from guidedrl.parts import build_parts
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.rollout.static import cascade_decode_attention, grouped_decode_attention, inverse_cdf_sample
+from guidedrl.rollout.static import cascade_decode_attention, inverse_cdf_sample
 from guidedrl.train import StepState, seed_everything, train_step
 from guidedrl.types import Sample
 
@@ -200,64 +200,53 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
         assert torch.allclose(a, c, atol=1e-5)
 
 
-def test_stop_strings_use_the_plain_loop(tiny) -> None:
+def test_stop_strings_and_sliding_window_models_use_the_plain_loop(tiny, monkeypatch) -> None:
     model, tok = tiny
     assert not HFEngine(model, tok, RolloutConfig(static_cache=True, stop=["e"]))._use_static()
     assert HFEngine(model, tok, RolloutConfig(static_cache=True))._use_static()
     assert not HFEngine(model, tok, RolloutConfig())._use_static(), "default on CPU is the plain loop"
+    monkeypatch.setattr(model.config, "use_sliding_window", True, raising=False)
+    assert not HFEngine(model, tok, RolloutConfig(static_cache=True))._use_static()
 
 
-@pytest.mark.parametrize("q_len", [1, 3])
-def test_grouped_decode_attention_matches_sdpa_over_repeated_heads(q_len: int) -> None:
+@pytest.mark.parametrize("compiled", [False, True])
+def test_cascade_decode_attention_equals_attention_over_each_rows_prompt_and_own_keys(compiled: bool) -> None:
+    """One decode token per row: written into the response store at slot t - 1, then attention over its
+    group's prompt (left-padded for prompt 0) and the row's first n response slots (slots >= t masked).
+    Compiled on CPU the value products are broadcast multiply-and-sums, eager matmuls: both checked."""
     g = torch.Generator().manual_seed(0)
-    B, Hq, Hkv, L, D = 3, 6, 2, 9, 8
-    q = torch.randn(B, Hq, q_len, D, generator=g)
-    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
-    visible = torch.rand(B, 1, q_len, L, generator=g) > 0.3
-    visible[..., 0] = True  # every query sees at least one key
-    mask = torch.zeros(B, 1, q_len, L).masked_fill(~visible, torch.finfo(torch.float32).min)
-    out, _ = grouped_decode_attention(torch.nn.Module(), q, k, v, mask, scaling=0.3)
-    rep = Hq // Hkv  # transformers' repeat_kv: query head h reads KV head h // rep
-    ref = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), attn_mask=mask,
-                                         scale=0.3)
-    assert out.shape == (B, q_len, Hq, D)
-    assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
-
-
-@pytest.mark.parametrize("q_len", [1, 2])
-def test_cascade_decode_attention_equals_attention_over_each_rows_prompt_and_own_keys(q_len: int) -> None:
-    g = torch.Generator().manual_seed(0)
-    U, G, Hq, Hkv, P, L, D = 2, 3, 4, 2, 5, 6, 8
+    U, G, Hq, Hkv, P, L, D, n, t = 2, 3, 4, 2, 5, 8, 8, 6, 4
     B, neg = U * G, torch.finfo(torch.float32).min
-    q = torch.randn(B, Hq, q_len, D, generator=g)
+    q = torch.randn(B, Hq, 1, D, generator=g)
+    key, value = torch.randn(B, Hkv, 1, D, generator=g), torch.randn(B, Hkv, 1, D, generator=g)  # this token's
     pk, pv = torch.randn(U, Hkv, P, D, generator=g), torch.randn(U, Hkv, P, D, generator=g)
-    k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
+    own_k, own_v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)  # earlier slots
     p_vis = torch.ones(U, 1, 1, P, dtype=torch.bool)
     p_vis[0, ..., :2] = False  # prompt 0 is left-padded by 2
-    r_vis = torch.rand(B, 1, q_len, L, generator=g) > 0.4
     pmask = torch.zeros(U, 1, 1, P).masked_fill(~p_vis, neg)
-    rmask = torch.zeros(B, 1, q_len, L).masked_fill(~r_vis, neg)
+    rmask = torch.zeros(B, 1, 1, n).masked_fill(torch.arange(n) >= t, neg)  # slots 0..t-1 visible
     layer = torch.nn.Module()
     layer.layer_idx = 1
-    out, _ = cascade_decode_attention(layer, q, k, v, rmask, scaling=0.3, guidedrl_prefix=([pk, pk * 0], [pv, pv * 0], pmask))
+    ks, vs = [own_k * 0, own_k.clone()], [own_v * 0, own_v.clone()]
+    store = ([pk * 0, pk], [pv * 0, pv], pmask, ks, vs, torch.tensor(t))
+    fn = torch.compile(cascade_decode_attention, fullgraph=True) if compiled else cascade_decode_attention
+    out, _ = fn(layer, q, key, value, rmask, scaling=0.3, guidedrl_decode=store)
+    assert torch.equal(vs[1][:, :, t - 1 : t], value) and torch.equal(ks[1][:, :, t - 1 : t], key)
     # reference: every row gets its own copy of its group's prompt keys in front of its own keys
     row_group = torch.arange(B) // G
-    kk = torch.cat([(pk * 0)[row_group], k], 2)  # layer 1's prompt store (zeros), copied to every row of the group
-    vv = torch.cat([(pv * 0)[row_group], v], 2)
-    mask = torch.cat([pmask[row_group].expand(B, 1, q_len, P), rmask], -1)  # (B, 1, Q, P+L)
-    rep = Hq // Hkv
+    k_own, v_own = own_k[:, :, :n].clone(), own_v[:, :, :n].clone()
+    k_own[:, :, t - 1 : t], v_own[:, :, t - 1 : t] = key, value
+    kk, vv = torch.cat([pk[row_group], k_own], 2), torch.cat([pv[row_group], v_own], 2)
+    mask = torch.cat([pmask[row_group], rmask], -1)  # (B, 1, 1, P+n)
+    rep = Hq // Hkv  # transformers' repeat_kv: query head h reads KV head h // rep
     ref = F.scaled_dot_product_attention(q, kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1), attn_mask=mask,
                                          scale=0.3)
-    assert out.shape == (B, q_len, Hq, D)
+    assert out.shape == (B, 1, Hq, D)
     assert torch.allclose(out, ref.transpose(1, 2), atol=1e-5)
-    # layer 0 reads its own store (a nonzero prompt that changes the result)
+    # layer 0 reads and writes its own buffers (all zeros but this token: another result)
     layer.layer_idx = 0
-    out0, _ = cascade_decode_attention(layer, q, k, v, rmask, scaling=0.3, guidedrl_prefix=([pk, pk * 0], [pv, pv * 0], pmask))
-    kk0, vv0 = torch.cat([pk[row_group], k], 2), torch.cat([pv[row_group], v], 2)
-    ref0 = F.scaled_dot_product_attention(q, kk0.repeat_interleave(rep, 1), vv0.repeat_interleave(rep, 1),
-                                          attn_mask=mask, scale=0.3)
-    assert torch.allclose(out0, ref0.transpose(1, 2), atol=1e-5)
-    assert not torch.allclose(out0, out, atol=1e-3)
+    out0, _ = fn(layer, q, key, value, rmask, scaling=0.3, guidedrl_decode=store)
+    assert torch.equal(vs[0][:, :, t - 1 : t], value) and not torch.allclose(out0, out, atol=1e-3)
 
 
 def test_inverse_cdf_sampler_samples_the_distribution() -> None:

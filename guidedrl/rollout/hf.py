@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guidedrl import cascade
 from guidedrl.config import RolloutConfig
 from guidedrl.models import cache_kwarg, unwrap
 from guidedrl.rollout.base import Generation, GenRequest
@@ -92,16 +93,19 @@ class HFEngine:
         return out
 
     def _use_static(self) -> bool:
-        """The static-cache path: asked for, or by default on CUDA; never with stop strings."""
+        """The static-cache path: asked for, or by default on CUDA; never with stop strings, nor for a
+        model whose attention is more than plain causal softmax (sliding window, softcap: see
+        `guidedrl.cascade.supports`), which the decode's own attention function would not reproduce."""
         want = self.cfg.static_cache if self.cfg.static_cache is not None else self.device.type == "cuda"
-        attn = getattr(unwrap(self.model).config, "_attn_implementation", None)
-        return bool(want) and not self.cfg.stop and attn in ("sdpa", "eager", None)
+        config = unwrap(self.model).config
+        attn = getattr(config, "_attn_implementation", None)
+        return bool(want) and not self.cfg.stop and attn in ("sdpa", "eager", None) and cascade.supports(config)
 
     def _static(self) -> StaticDecoder:
         if self._static_decoder is None:
             want = self.cfg.compile_decode
             self._static_decoder = StaticDecoder(
-                self.model, unwrap(self.model).config, self._cache_kw,
+                self.model, unwrap(self.model).config,
                 compile_step=self.device.type == "cuda" if want is None else want,
             )
         return self._static_decoder

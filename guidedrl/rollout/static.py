@@ -1,19 +1,24 @@
-"""Fast decode for the transformers backend: a preallocated (static) KV cache and one compiled step.
+"""Fast decode for the transformers backend: preallocated (static) KV buffers and one compiled step.
 
 The plain loop in `hf.py` calls the model once per token through Python (about 20 ms a token for a
 0.5B model on an H100, whatever the batch). Here every decode step is the same function over tensors
 of fixed shape and address, so `torch.compile(mode="reduce-overhead")` records it once as a CUDA
 graph and each token costs one graph replay plus a few tiny launches. What makes that possible:
 
-- transformers' `StaticCache`, allocated once per (batch, cache length) and reused across calls
-  (a new address would re-record the graph);
-- the shared prompt of each group prefilled once (with the ordinary dynamic cache) and its keys and
-  values kept once per group in a static prompt store; the static cache holds response tokens only;
+- static buffers, allocated once per (batch, cache length) and reused across calls (a new address
+  would re-record the graph): the shared prompt of each group is prefilled once (with the ordinary
+  dynamic cache) and its keys and values are kept once per group in a prompt store; the response
+  store holds each row's own response tokens, written by the attention function itself (the model
+  runs without a transformers cache);
 - cascade decode attention (`cascade_decode_attention`): each step's queries read their group's
-  prompt keys once for the whole group (one (G*g, D) x (D, P) product per group and KV head) and
-  their own response keys, with one softmax over both. Decode attention is memory-bound: a cache
-  of G copies of the prompt would be read G times a step. Grouped KV heads are read in place
-  instead of copied G_q times (`repeat_kv`);
+  prompt keys once for the whole group and their own response keys, with one softmax over both.
+  Decode attention is memory-bound: a cache of G copies of the prompt would be read G times a
+  step. Grouped KV heads are read in place instead of copied G_q times (`repeat_kv`). In the
+  compiled CPU step the products of the probabilities with the values are written as a broadcast
+  multiply-and-sum, which inductor fuses with the softmax into vectorized loops (a batched GEMM
+  with 2 query rows per (row, head) is mostly call overhead; 6-7% of the decode, measured
+  interleaved with the BMM version at 128 and 512 tokens). The scores stay matmuls: as fused
+  reductions inductor recomputed them and the decode got slower;
 - the bookkeeping inside the step: the response mask is built from a step counter kept on the
   device, and the sampled ids, behaviour log-probs, next input and position are written into
   static buffers there; transformers passes a 4D additive mask through untouched;
@@ -41,41 +46,20 @@ from torch import Tensor, nn
 
 from guidedrl.models import attention_implementation
 
-ATTN_NAME = "guidedrl_grouped_decode"
+ATTN_NAME = "guidedrl_cascade_decode"
+
+DecodeStore = tuple[list[Tensor], list[Tensor], Tensor, list[Tensor], list[Tensor], Tensor]
+"""(prompt keys per layer (U, Hkv, P, D), prompt values per layer (U, Hkv, P, D), additive prompt mask
+(U, 1, 1, P), response keys per layer (B, Hkv, L, D), response values per layer (B, Hkv, L, D), t):
+the decode step's buffers; t is the number of response tokens fed so far, this one included."""
 
 
-def grouped_decode_attention(
-    module: nn.Module,
-    query: Tensor,
-    key: Tensor,
-    value: Tensor,
-    attention_mask: Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[Tensor, None]:
-    """Attention over grouped KV heads without repeating them (transformers' attention interface).
-
-    query (B, Hq, Q, D), key / value (B, Hkv, L, D), attention_mask additive (B, 1, Q, L) ->
-    (B, Q, Hq, D). Query head h reads KV head h // (Hq / Hkv), as transformers' `repeat_kv` does.
-    """
-    B, Hq, Q, D = query.shape
-    q = query.reshape(B, key.shape[1], Hq // key.shape[1] * Q, D)  # (B, Hkv, g*Q, D): a KV group's heads adjacent
-    probs = _own_scores(q, key, attention_mask, Q, scaling).softmax(-1).to(value.dtype)
-    out = torch.matmul(probs, value)  # (B, Hkv, g*Q, D)
-    return out.view(B, Hq, Q, D).transpose(1, 2).contiguous(), None
-
-
-def _own_scores(q: Tensor, key: Tensor, attention_mask: Tensor | None, Q: int, scaling: float | None) -> Tensor:
-    """Masked float32 scores of grouped queries q (B, Hkv, g*Q, D) over key (B, Hkv, L, D), with the
-    additive mask (B, 1, Q, L) broadcast over each KV group's g heads -> (B, Hkv, g*Q, L)."""
-    B, Hkv, gQ, D = q.shape
-    L = key.shape[2]
-    scores = torch.matmul(q, key.transpose(-1, -2)).float() * (D**-0.5 if scaling is None else scaling)
-    if attention_mask is None:
-        return scores
-    m = attention_mask[:, :, :, :L].float()  # (B, 1, Q, L)
-    return (scores.view(B, Hkv, gQ // Q, Q, L) + m[:, :, None]).view(B, Hkv, gQ, L)
+def _weighted_values(probs: Tensor, v: Tensor, fused: bool) -> Tensor:
+    """probs (..., M, L) @ v (..., L, D). fused: as a broadcast multiply-and-sum, which inductor fuses
+    with the softmax before it (compiling on CPU, where M is 2-16 and a BMM call is mostly overhead)."""
+    if fused:
+        return (probs[..., :, :, None] * v[..., None, :, :]).sum(-2)
+    return torch.matmul(probs, v)
 
 
 def cascade_decode_attention(
@@ -86,38 +70,41 @@ def cascade_decode_attention(
     attention_mask: Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
-    guidedrl_prefix: tuple[list[Tensor], list[Tensor], Tensor] | None = None,
+    guidedrl_decode: DecodeStore | None = None,
     **kwargs: Any,
 ) -> tuple[Tensor, None]:
-    """Decode attention over a prompt shared by groups of G rows plus each row's own keys.
+    """One decode token's attention over its group's prompt plus its row's own response tokens.
 
-    query (B, Hq, Q, D); key / value (B, Hkv, L, D): the rows' own (response) cache; attention_mask
-    additive (B, 1, Q, L) over it. guidedrl_prefix = (prompt keys per layer, prompt values per layer,
-    additive prompt mask (U, 1, 1, P)), each layer's (U, Hkv, P, D) with B = U * G and rows u*G..u*G+G-1
-    continuing prompt u. Equal to attention over each row's [prompt; own] keys (tested); the prompt's
-    keys are read once per group, not once per row. -> (B, Q, Hq, D). Without a prefix: plain
-    `grouped_decode_attention`.
+    query (B, Hq, 1, D), key / value (B, Hkv, 1, D): this token's; they are written into the response
+    store at slot t - 1 first. attention_mask additive (B, 1, 1, n) over the first n response slots
+    (the ones read). guidedrl_decode: `DecodeStore`, with B = U * G and rows u*G..u*G+G-1 continuing
+    prompt u. Equal to attention over each row's [prompt; own] keys (tested). -> (B, 1, Hq, D).
     """
-    if guidedrl_prefix is None:
-        return grouped_decode_attention(module, query, key, value, attention_mask, scaling)
-    pks, pvs, pmask = guidedrl_prefix
-    pk, pv = pks[module.layer_idx], pvs[module.layer_idx]  # (U, Hkv, P, D)
-    if attention_mask is not None and attention_mask.shape[-1] < key.shape[2]:
-        key, value = key[:, :, : attention_mask.shape[-1]], value[:, :, : attention_mask.shape[-1]]  # unwritten slots
+    if guidedrl_decode is None or attention_mask is None or query.shape[2] != 1:
+        raise RuntimeError("cascade decode attention needs the decode store, a mask and one query token")
+    pks, pvs, pmask, ks, vs, t = guidedrl_decode
+    i = module.layer_idx
+    slot = (t - 1).view(1)
+    ks[i].index_copy_(2, slot, key)  # (B, Hkv, 1, D) into (B, Hkv, L, D)
+    vs[i].index_copy_(2, slot, value)
+    n = attention_mask.shape[-1]
+    k, v = ks[i][:, :, :n], vs[i][:, :, :n]  # the slots this call reads
+    pk, pv = pks[i], pvs[i]  # (U, Hkv, P, D)
     B, Hq, Q, D = query.shape
     U, Hkv, P, _ = pk.shape
     G, g = B // U, Hq // Hkv
+    fused = query.device.type == "cpu" and torch.compiler.is_compiling()
     scale = D**-0.5 if scaling is None else scaling
-    q = query.reshape(B, Hkv, g * Q, D)  # heads of one KV group adjacent, as in grouped_decode_attention
-    qg = q.view(U, G, Hkv, g * Q, D).transpose(1, 2).reshape(U, Hkv, G * g * Q, D)  # a group's queries together
-    s_p = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale  # (U, Hkv, G*g*Q, P)
-    s_p = s_p + pmask.float()  # prompt padding, (U, 1, 1, P)
-    s_r = _own_scores(q, key, attention_mask, Q, scaling)  # (B, Hkv, g*Q, L)
-    s_p = s_p.view(U, Hkv, G, g * Q, P).transpose(1, 2).reshape(B, Hkv, g * Q, P)
-    probs = torch.cat([s_p, s_r], -1).softmax(-1).to(value.dtype)  # (B, Hkv, g*Q, P+L): one softmax
-    p_p = probs[..., :P].reshape(U, G, Hkv, g * Q, P).transpose(1, 2).reshape(U, Hkv, G * g * Q, P)
-    out_p = torch.matmul(p_p, pv).view(U, Hkv, G, g * Q, D).transpose(1, 2).reshape(B, Hkv, g * Q, D)
-    out = out_p + torch.matmul(probs[..., P:], value)  # (B, Hkv, g*Q, D)
+    q = query.reshape(B, Hkv, g, D)  # the heads of one KV group adjacent
+    qg = q.view(U, G, Hkv, g, D).transpose(1, 2).reshape(U, Hkv, G * g, D)  # a group's queries together
+    s_p = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale + pmask.float()  # (U, Hkv, G*g, P), padding masked
+    s_r = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hkv, g, n)
+    s_r = s_r + attention_mask.float()  # (B, 1, 1, n): unwritten slots masked
+    s_p = s_p.view(U, Hkv, G, g, P).transpose(1, 2).reshape(B, Hkv, g, P)
+    probs = torch.cat([s_p, s_r], -1).softmax(-1).to(value.dtype)  # (B, Hkv, g, P+n): one softmax
+    p_p = probs[..., :P].reshape(U, G, Hkv, g, P).transpose(1, 2).reshape(U, Hkv, G * g, P)
+    out_p = _weighted_values(p_p, pv, fused).view(U, Hkv, G, g, D).transpose(1, 2).reshape(B, Hkv, g, D)
+    out = out_p + _weighted_values(probs[..., P:], v, fused)  # (B, Hkv, g, D)
     return out.view(B, Hq, Q, D).transpose(1, 2).contiguous(), None
 
 
@@ -138,16 +125,15 @@ def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
 
 
 class StaticDecoder:
-    """Samples with a static KV cache and a (optionally compiled) decode step of `unroll` tokens."""
+    """Samples with static KV buffers and a (optionally compiled) decode step of `unroll` tokens."""
 
-    def __init__(self, model: nn.Module, config: Any, cache_kw: str, *, compile_step: bool, check_every: int = 16,
+    def __init__(self, model: nn.Module, config: Any, *, compile_step: bool, check_every: int = 16,
                  unroll: int | None = None) -> None:
         """unroll: tokens per step call (None: 4 for the compiled CPU step, else 1). On CPU each call of a
         compiled step pays its guards and launch code (about 0.4 ms for a small model, more than its
         kernels), so 4 tokens per call pay it once; on CUDA a graph replay is already cheap."""
         self.model = model
         self.config = config
-        self.cache_kw = cache_kw
         self.compile_step = compile_step
         self.check_every = check_every
         self.unroll = unroll
@@ -171,31 +157,26 @@ class StaticDecoder:
 
     def _setup(self, shape: tuple[int, int, int, int, int], dev: torch.device, dtype: torch.dtype,
                sampling: tuple[Any, ...]) -> None:
-        """(Re)allocate the caches and buffers, and build the step, only when a shape or setting changes.
+        """(Re)allocate the stores and buffers, and build the step, only when a shape or setting changes.
 
-        shape = (B rows, U prompts, P prompt store length, L response cache length, V vocabulary).
+        shape = (B rows, U prompts, P prompt store length, L response store length, V vocabulary).
         """
         key = (shape, dev, dtype, sampling)
         if key == self._key:
             return
-        from transformers import StaticCache
-
         B, U, P, L, V = shape
-        cache = StaticCache(config=self.config, max_cache_len=L)
         Hkv = self.config.num_key_value_heads
         D = getattr(self.config, "head_dim", None) or self.config.hidden_size // self.config.num_attention_heads
-        dummy = torch.zeros((B, Hkv, 1, D), dtype=dtype, device=dev)
-        for layer in cache.layers:
-            layer.lazy_initialization(dummy, dummy)  # allocates (B, Hkv, L, D) and marks static addresses
-        n_layers = len(cache.layers)
+        n_layers = self.config.num_hidden_layers
         b = {
-            "cache": cache,
             "pk": [torch.zeros((U, Hkv, P, D), dtype=dtype, device=dev) for _ in range(n_layers)],
             "pv": [torch.zeros((U, Hkv, P, D), dtype=dtype, device=dev) for _ in range(n_layers)],
+            "k": [torch.zeros((B, Hkv, L, D), dtype=dtype, device=dev) for _ in range(n_layers)],
+            "v": [torch.zeros((B, Hkv, L, D), dtype=dtype, device=dev) for _ in range(n_layers)],
             "pmask": torch.zeros((U, 1, 1, P), dtype=dtype, device=dev),
             "ids": torch.zeros((B, 1), dtype=torch.long, device=dev),  # the token fed next
             "pos": torch.zeros((B, 1), dtype=torch.long, device=dev),  # its position id
-            "t": torch.zeros((), dtype=torch.long, device=dev),  # its index in the response (= its cache slot + 1)
+            "t": torch.zeros((), dtype=torch.long, device=dev),  # its index in the response (= its store slot + 1)
             "min_new": torch.zeros((), dtype=torch.long, device=dev),
             "eos_bias": torch.zeros(V, dtype=torch.float32, device=dev),  # -inf at eos, added while t < min_new
             "draws": torch.ones((L, B, 1), dtype=torch.float32, device=dev),  # U(0, 1] per step and row
@@ -204,7 +185,7 @@ class StaticDecoder:
             "out_ids": torch.zeros((B, L), dtype=torch.long, device=dev),
             "out_lp": torch.zeros((B, L), dtype=torch.float32, device=dev),
         }
-        for t in [*b["pk"], *b["pv"], *(v for k, v in b.items() if isinstance(v, Tensor))]:
+        for t in [*b["pk"], *b["pv"], *b["k"], *b["v"], *(v for k, v in b.items() if isinstance(v, Tensor))]:
             torch._dynamo.mark_static_address(t)
         self._bufs = b
         self._advance = self._make_advance(sampling)
@@ -240,7 +221,7 @@ class StaticDecoder:
         inductor (torch 2.11) failed to generate the split scan of the sampler's cumsum over a
         151936-token vocabulary on an H100, and a failed compile means an uncompiled decode.
         """
-        b, model, kw, advance = self._bufs, self.model, self.cache_kw, self._advance
+        b, model, advance = self._bufs, self.model, self._advance
         assert advance is not None
         k = self._tokens_per_call(dev)
         B = b["out_ids"].shape[0]
@@ -250,11 +231,12 @@ class StaticDecoder:
             n = slots.shape[0]
             neg = torch.finfo(b["pmask"].dtype).min  # response slots 0..t-1 are visible (slot t-1: this token)
             mask = torch.where(slots < b["t"], 0.0, neg).to(b["pmask"].dtype).view(1, 1, 1, n).expand(B, 1, 1, n)
-            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=True,
-                        logits_to_keep=1, guidedrl_prefix=(b["pk"], b["pv"], b["pmask"]), **{kw: b["cache"]})
+            store = (b["pk"], b["pv"], b["pmask"], b["k"], b["v"], b["t"])
+            res = model(input_ids=b["ids"], position_ids=b["pos"], attention_mask=mask, use_cache=False,
+                        logits_to_keep=1, guidedrl_decode=store)
             return res.logits[:, -1, :]  # (B, V)
 
-        if compile_now and self._graph_forward(dev):  # one graph over the whole cache: shapes never change
+        if compile_now and self._graph_forward(dev):  # one graph over the whole store: shapes never change
             fwd = torch.compile(forward, mode="reduce-overhead", dynamic=False)
             every = b["slots"]
             return lambda eos, pad, slots: advance(fwd(every), eos, pad)  # the output is read before the next replay
@@ -264,7 +246,7 @@ class StaticDecoder:
                 advance(forward(slots), eos, pad)
 
         # On CPU the step reads only the response slots written so far (`slots` grows by 16; the
-        # compile is dynamic in its length): decode attention is memory-bound and the whole cache is
+        # compile is dynamic in its length): decode attention is memory-bound and the whole store is
         # L slots. cpp_wrapper: the code that launches the kernels is C++ too, not Python (about
         # 0.1 ms less per call, where nothing replays a graph).
         return torch.compile(step, options={"cpp_wrapper": True}) if compile_now else step
@@ -297,7 +279,7 @@ class StaticDecoder:
         dtype = prefill_cache.layers[0].keys.dtype
         grouped = _grouped(inverse, U)  # rows u*G..u*G+G-1 continue prompt u: the prompt store holds U rows
         k = self._tokens_per_call(dev)
-        # a call may run k - 1 tokens past max_new (dropped): the response cache has room for them
+        # a call may run k - 1 tokens past max_new (dropped): the response store has room for them
         shape = (B, U if grouped else B, _bucket(P, 64), _bucket(max_new + k - 1, 32), V)
         self._setup(shape, dev, dtype, (temperature, top_k, top_p, pad_id))
         b = self._bufs
@@ -344,15 +326,16 @@ class StaticDecoder:
 
     def _load_prefill(self, prefill_cache: Any, attn: Tensor, inverse: Tensor, grouped: bool) -> None:
         """Put the U prefilled contexts' keys/values in the prompt store (once per group when `grouped`,
-        else once per row), right-aligned; empty the response cache; set masks, positions, lengths."""
+        else once per row), right-aligned; empty the response store; set masks, positions, lengths."""
         b = self._bufs
         P = attn.shape[1]
         inv = inverse.to(attn.device)
         rows = slice(None) if grouped else inv
-        for src, pk, pv, dst in zip(prefill_cache.layers, b["pk"], b["pv"], b["cache"].layers, strict=True):
+        for src, pk, pv, k, v in zip(prefill_cache.layers, b["pk"], b["pv"], b["k"], b["v"], strict=True):
             pk[:, :, -P:].copy_(src.keys[rows])  # (U or B, Hkv, P, D), left-padded like the prefill
             pv[:, :, -P:].copy_(src.values[rows])
-            dst.cumulative_length.zero_()  # the response cache starts empty
+            k.zero_()  # unwritten slots get probability 0; zeros keep a stale non-finite value from leaking in
+            v.zero_()
         neg = torch.finfo(b["pmask"].dtype).min
         b["pmask"].fill_(neg)
         b["pmask"][:, 0, 0, -P:] = torch.where(attn[rows].bool(), 0.0, neg).to(b["pmask"].dtype)
