@@ -73,7 +73,8 @@ JOBS = {
     "cpu": Job(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, prompts=8, group=8,
                prompt_len=64, completion_len=128, micro_batch=64, device="cpu", dtype="float32",
                warmup=2, steps=10, rounds=3, threads=2,
-               options=("rollout.static_cache=true", "rollout.compile_decode=true", "train.compile_logprobs=true")),
+               options=("rollout.static_cache=true", "rollout.compile_decode=true", "train.compile_logprobs=true",
+                        "train.compile_model=true")),
     # the anchor: Qwen2-0.5B shape, bf16, 8 prompts x 8 samples, 64 + 256 tokens
     "gpu": Job(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, prompts=8, group=8,
                prompt_len=64, completion_len=256, micro_batch=32, device="cuda", dtype="bfloat16",
