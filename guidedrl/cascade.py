@@ -18,9 +18,11 @@ takes them as they are).
 
 Why: with a KV cache the response forward needs an explicit (R, P + R) mask, which the CPU flash
 kernel applies over every key block; split, the own part is plainly causal and the prompt part
-has no mask (or a key-padding one when prompts are left-padded). Measured on the CPU benchmark's
-shapes (hidden 64, head dimension 16): equal at 128 response tokens, 21% less attention time at
-512 (`docs/performance.md`).
+has no mask (or a key-padding one when prompts are left-padded). On the CPU benchmark's shapes
+(hidden 64, head dimension 16, 64 rows, 64-token prompts; `bench/bench_update.py --threads 2`,
+2026-11-25) the update's forward + backward went from 0.115 to 0.113 s at 128 response tokens,
+0.278 to 0.274 s at 256 and 0.816 to 0.687 s at 512, where the masked path was slower than no
+prompt sharing at all (0.735 s).
 
 Conditions (else `response_hidden` keeps its expanded-cache path): CPU tensors; rows in equal
 adjacent groups; each row's response tokens a prefix of its response columns (right padding only);
