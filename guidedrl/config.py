@@ -376,8 +376,13 @@ class TrainConfig(Strict):
     compile_model: bool = False
     """torch.compile each decoder layer (dynamic shapes) for the update's forward and backward, and
     the prefill: inductor fuses the layers' elementwise passes. A one-off compile of about 20 s on
-    a 2-core CPU for a small model. On the CPU benchmark it cut forward + backward by 8% alone, and
-    the whole step by less than the run-to-run noise (docs/performance.md)."""
+    a 2-core CPU for a small model. On the CPU benchmark it cut forward + backward by 10-14% in an
+    interleaved A/B (docs/performance.md)."""
+    cascade_attention: bool = True
+    """In the update's shared-prompt forward on CPU, attend to each group's prompt by cascade
+    attention (`guidedrl.cascade`: the prompt keys once per group, no mask) where it applies; false:
+    the prompt's KV cache expanded to the rows with an explicit mask (the computation before
+    2026-11-25; same values, another summation order)."""
     skip_inert_rows: bool = True
     """Leave out of the update's forward and backward the rows that add exactly no gradient: every
     advantage 0 (a GRPO group with equal rewards), under a loss whose tokens are multiples of their

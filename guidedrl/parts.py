@@ -140,7 +140,8 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
         cfg=cfg, model=model, tokenizer=tok, ref=ref, value_head=value_head, engine=engine, ctx=None,  # type: ignore[arg-type]
         selector=UniformSelector(train, cfg.train.seed, cfg.data.shuffle), guide=None,
         objective=Objective.from_config(cfg.algo, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
-                                        compiled=cfg.train.compile_logprobs, skip_inert=cfg.train.skip_inert_rows),
+                                        compiled=cfg.train.compile_logprobs, skip_inert=cfg.train.skip_inert_rows,
+                                        cascade=cfg.train.cascade_attention),
         optimizer=opt, scheduler=sched, params=params, reward_timer=reward, eval_samples=evals, chat=chat,
     )
     parts.ctx = RolloutContext(engine=engine, tokenizer=tok, render=parts.render, reward=reward,

@@ -39,10 +39,13 @@ class Objective:
     """torch.compile the per-chunk log-prob / entropy pass (`train.compile_logprobs`)."""
     skip_inert: bool = False
     """Leave rows that add no gradient out of the update (`train.skip_inert_rows`; `inert_rows`)."""
+    cascade: bool = True
+    """Cascade attention in the shared-prompt forward on CPU (`train.cascade_attention`)."""
 
     @classmethod
     def from_config(
-        cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int, compiled: bool = False, skip_inert: bool = False
+        cls, cfg: AlgoConfig, temperature: float, max_new_tokens: int, compiled: bool = False, skip_inert: bool = False,
+        cascade: bool = True,
     ) -> "Objective":
         return cls(
             cfg=cfg,
@@ -52,6 +55,7 @@ class Objective:
             needs=cfg.loss.needs,
             compiled=compiled,
             skip_inert=skip_inert,
+            cascade=cascade,
         )
 
     def inert_rows(self, batch: Batch) -> Tensor:
@@ -77,7 +81,7 @@ class Objective:
         c = self.cfg
         out = policy_outputs(
             model, mb, temperature=self.temperature, entropy="grad" if c.entropy_coef else "metric",
-            vocab_mean="vocab_mean" in self.needs, value_head=value_head, compiled=self.compiled,
+            vocab_mean="vocab_mean" in self.needs, value_head=value_head, compiled=self.compiled, cascade=self.cascade,
         )
         assert mb.advantages is not None, "advantages must be computed before the update"
         inp = LossInputs(
@@ -200,7 +204,7 @@ def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_si
     lps, means = [], []
     for rows in _micro_slices(len(batch), micro_batch_size):
         out = policy_outputs(model, batch.select(rows), temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs,
-                             compiled=obj.compiled)
+                             compiled=obj.compiled, cascade=obj.cascade)
         lps.append(out.logprobs)
         if out.vocab_mean_logprobs is not None:
             means.append(out.vocab_mean_logprobs)

@@ -158,3 +158,20 @@ def test_compiled_layers_with_cascade_attention_give_the_eager_results(tiny, mon
     calls = _count_calls(monkeypatch)  # traced by dynamo: counted while compiling, not per run
     _assert_same(_run(model, b), eager)
     assert calls, "the compiled layers went through the cascade attention"
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_train_cascade_attention_config_picks_the_update_path(monkeypatch, on: bool) -> None:
+    from guidedrl.config import load_config
+    from guidedrl.parts import build_parts
+    from guidedrl.train import StepState, seed_everything, train_step
+
+    calls = _count_calls(monkeypatch)
+    cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
+                             "rollout.max_new_tokens=6", "rollout.min_new_tokens=6", "rollout.group_size=4",
+                             "train.prompts_per_step=2", "train.skip_inert_rows=false",
+                             f"train.cascade_attention={str(on).lower()}"])
+    seed_everything(0)
+    metrics, _ = train_step(build_parts(cfg), StepState())
+    assert "loss/policy" in metrics, "the update ran"
+    assert bool(calls) == on
