@@ -16,9 +16,9 @@ graph and each token costs one graph replay plus a few tiny launches. What makes
   step. Grouped KV heads are read in place instead of copied G_q times (`repeat_kv`). In the
   compiled CPU step the products of the probabilities with the values are written as a broadcast
   multiply-and-sum, which inductor fuses with the softmax into vectorized loops (a batched GEMM
-  with 2 query rows per (row, head) is mostly call overhead; 6-7% of the decode, measured
-  interleaved with the BMM version at 128 and 512 tokens). The scores stay matmuls: as fused
-  reductions inductor recomputed them and the decode got slower;
+  with 2 query rows per (row, head) is mostly call overhead; 3-7% of the decode, measured
+  interleaved with the BMM version at 128 and 512 tokens). The scores stay matmuls: written the
+  same way, they made the decode slower;
 - the bookkeeping inside the step: the response mask is built from a step counter kept on the
   device, and the sampled ids, behaviour log-probs, next input and position are written into
   static buffers there; transformers passes a 4D additive mask through untouched;
