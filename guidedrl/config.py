@@ -374,15 +374,13 @@ class TrainConfig(Strict):
     max_nonfinite: int = 3
     """Abort after this many non-finite losses/gradients in a row (each one skips its update)."""
     compile_model: bool = False
-    """torch.compile each decoder layer (dynamic shapes) for the update's forward and backward, and
-    the prefill: inductor fuses the layers' elementwise passes. A one-off compile of about 20 s on
-    a 2-core CPU for a small model. On the CPU benchmark it cut forward + backward by 10-14% in an
-    interleaved A/B (docs/performance.md)."""
+    """torch.compile each decoder layer (dynamic shapes) for the update and the prefill (fuses their
+    elementwise passes; a one-off compile of about 20 s on 2 cores for a small model). CPU
+    benchmark: forward + backward 10-14% faster (docs/performance.md)."""
     cascade_attention: bool = True
-    """In the update's shared-prompt forward on CPU, attend to each group's prompt by cascade
-    attention (`guidedrl.cascade`: the prompt keys once per group, no mask) where it applies; false:
-    the prompt's KV cache expanded to the rows with an explicit mask (the computation before
-    2026-11-25; same values, another summation order)."""
+    """On CPU, the update's responses attend to their group's shared prompt by cascade attention
+    (`guidedrl.cascade`) where it applies; false: the prompt cache expanded to the rows with a mask
+    (the computation before 2026-11-25; same values, another summation order)."""
     skip_inert_rows: bool = True
     """Leave out of the update's forward and backward the rows that add exactly no gradient: every
     advantage 0 (a GRPO group with equal rewards), under a loss whose tokens are multiples of their
