@@ -133,7 +133,7 @@ def recompute_values(parts: Parts, batch: Batch) -> None:
     vals = []
     for s in range(0, len(batch), parts.cfg.train.micro_batch_size):
         mb = batch.select(list(range(s, min(len(batch), s + parts.cfg.train.micro_batch_size))))
-        vals.append(policy_outputs(parts.model, mb, value_head=parts.value_head).values)
+        vals.append(policy_outputs(parts.model, mb, value_head=parts.value_head, cascade=parts.objective.cascade).values)
     batch.old_values = torch.cat(vals) * batch.response_mask
 
 
@@ -205,7 +205,8 @@ def train_step(parts: Parts, st: StepState) -> tuple[dict[str, float], list[Comp
     t1 = time.perf_counter()
     batch = collate(flat, parts.tokenizer.pad_token_id, parts.cfg.algo.mask_truncated).to(parts.engine.device)
     if parts.ref is not None:
-        batch.ref_logprobs = reference_logprobs(parts.ref, batch, parts.cfg.rollout.temperature, parts.cfg.train.micro_batch_size)
+        batch.ref_logprobs = reference_logprobs(parts.ref, batch, parts.cfg.rollout.temperature,
+                                                parts.cfg.train.micro_batch_size, parts.objective.cascade)
     compute_advantages(parts, batch)
     metrics = update(parts, batch, st)
     t2 = time.perf_counter()

@@ -216,10 +216,12 @@ def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_si
 
 
 @torch.no_grad()
-def reference_logprobs(ref: nn.Module, batch: Batch, temperature: float, micro_batch_size: int) -> Tensor:
-    """Reference-model log-probs of the response tokens: (B, R)."""
+def reference_logprobs(
+    ref: nn.Module, batch: Batch, temperature: float, micro_batch_size: int, cascade: bool = True
+) -> Tensor:
+    """Reference-model log-probs of the response tokens: (B, R) (cascade: `train.cascade_attention`)."""
     outs = [
-        policy_outputs(ref, batch.select(rows), temperature=temperature).logprobs
+        policy_outputs(ref, batch.select(rows), temperature=temperature, cascade=cascade).logprobs
         for rows in _micro_slices(len(batch), micro_batch_size)
     ]
     return torch.cat(outs) * batch.response_mask

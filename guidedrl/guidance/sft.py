@@ -50,7 +50,7 @@ def run_sft_stage(parts: "Parts", s: SFTStage) -> dict[str, float]:
         for start in range(0, len(order), s.batch_size):
             chunk = [traces[i] for i in order[start : start + s.batch_size]]
             b = collate(chunk, parts.tokenizer.pad_token_id).to(parts.engine.device)
-            lp = policy_outputs(parts.model, b).logprobs  # (B, R)
+            lp = policy_outputs(parts.model, b, cascade=parts.objective.cascade).logprobs  # (B, R)
             loss = -(lp * b.mask).sum() / b.mask.sum().clamp(min=1)
             opt.zero_grad(set_to_none=True)
             loss.backward()
