@@ -336,7 +336,8 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra guidedrl override (repeatable)")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="both sides: glibc keeps freed memory for reuse (no page faults on each step's fresh "
+                    help="TRL too (guidedrl does it itself on CPU, train.keep_freed_memory): glibc keeps freed "
+                         "memory for reuse (no page faults on each step's fresh "
                          "activations; the allocator tuning PyTorch's CPU guide recommends)")
     ap.add_argument("--child", choices=["guidedrl", "trl"], help=argparse.SUPPRESS)
     ap.add_argument("--folder", type=Path, help=argparse.SUPPRESS)

@@ -14,6 +14,7 @@ from guidedrl.config import Config
 from guidedrl.data import load_samples
 from guidedrl.data.loaders import balanced_head
 from guidedrl.data.tasks import default_reward
+from guidedrl.memory import keep_freed_memory
 from guidedrl.models import compile_layers, load_model, load_policy, render_prompt, use_chat
 from guidedrl.rewards import build_reward
 from guidedrl.rollout.collect import Guide, RolloutContext
@@ -112,10 +113,15 @@ def make_logprob_fn(model: nn.Module, tokenizer: Any, temperature: float) -> Cal
 
 
 def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
-    """Model, tokenizer, reference, engine, data, reward, guide, objective and optimizer for `cfg`."""
+    """Model, tokenizer, reference, engine, data, reward, guide, objective and optimizer for `cfg`.
+
+    Training on CPU with `train.keep_freed_memory` also sets the process's allocator to keep freed
+    memory (`guidedrl.memory`)."""
     from guidedrl.guidance import build_guide
 
     model, tok = load_policy(cfg.model)
+    if cfg.train.keep_freed_memory and next(model.parameters()).device.type == "cpu":
+        keep_freed_memory()
     if cfg.train.compile_model:
         compile_layers(model)
     chat = use_chat(cfg.model, tok)
