@@ -374,13 +374,11 @@ class TrainConfig(Strict):
     max_nonfinite: int = 3
     """Abort after this many non-finite losses/gradients in a row (each one skips its update)."""
     compile_model: bool = False
-    """torch.compile each decoder layer (dynamic shapes) for the update and the prefill (fuses their
-    elementwise passes; a one-off compile of about 20 s on 2 cores for a small model). CPU
-    benchmark: forward + backward 10-14% faster (docs/performance.md)."""
+    """torch.compile each decoder layer (dynamic shapes) for the update and the prefill: fused
+    elementwise passes, a one-off compile of ~20 s (CPU benchmark: fwd + bwd 10-14% faster)."""
     cascade_attention: bool = True
     """On CPU, the update's responses attend to their group's shared prompt by cascade attention
-    (`guidedrl.cascade`) where it applies; false: the prompt cache expanded to the rows with a mask
-    (the computation before 2026-11-25; same values, another summation order)."""
+    (`guidedrl.cascade`) where it applies; false: the prompt cache expanded to the rows, masked."""
     skip_inert_rows: bool = True
     """Leave out of the update's forward and backward the rows that add exactly no gradient: every
     advantage 0 (a GRPO group with equal rewards), under a loss whose tokens are multiples of their
@@ -388,11 +386,9 @@ class TrainConfig(Strict):
     calibration). The gradient is the same; the update's logged token metrics (entropy, clipfrac,
     ...) then cover the trained rows, and `update/skipped_rows` is the share left out."""
     keep_freed_memory: bool = True
-    """Training on CPU (glibc): the process keeps freed memory for the next step instead of returning
-    it to the operating system, as PyTorch's caching allocator does on the GPU
-    (`guidedrl.memory.keep_freed_memory`; process-wide). Saves each step's page faults on fresh
-    activations (CPU benchmark: about 15% of the update); the process holds its peak memory until it
-    exits."""
+    """Training on CPU (glibc): the process keeps freed memory for the next step, as PyTorch's GPU
+    caching allocator does (`guidedrl.memory`; process-wide; CPU benchmark: the update 15% faster).
+    The process then holds its peak memory until it exits."""
     compile_logprobs: bool = False
     """torch.compile the per-chunk LM head + log-softmax + gather + entropy of the update (one fused
     pass over the chunk's logits forward and backward; a one-off compile of a few seconds). Pays for
