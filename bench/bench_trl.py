@@ -166,6 +166,14 @@ def _peak_memory(device: str) -> float:
     return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024.0
 
 
+def _minor_faults() -> int:
+    """The process's minor page faults so far (fresh pages touched: memory the allocator returned to
+    the OS and took again, among others)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     """Warm-up + timed `train_step`s of guidedrl's default GRPO on the job."""
     import torch
@@ -187,13 +195,15 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     seed_everything(0)
     parts = build_parts(cfg)
     st = StepState()
-    steps, gen, upd, warm, plen = [], [], [], [], 0
+    steps, gen, upd, warm, faults, plen = [], [], [], [], [], 0
     for i in range(job.warmup + job.steps):
         if i == job.warmup and job.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         _sync(job.device)
+        f0 = _minor_faults()
         m, flat = train_step(parts, st)
         _sync(job.device)
+        faults.append(_minor_faults() - f0)
         st.step += 1
         assert all(len(c.ids) == job.completion_len for c in flat), "the completion length was not forced"
         plen = len(flat[0].prompt_ids)
@@ -203,7 +213,8 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
             steps.append(m["time/step"])
             gen.append(m["time/generate"] + m["time/reward"])
             upd.append(m["time/update"])
-    return {"step_s": steps, "generate_s": gen, "update_s": upd, "warmup_s": warm, "peak_bytes": _peak_memory(job.device),
+    return {"step_s": steps, "generate_s": gen, "update_s": upd, "warmup_s": warm, "faults": faults[job.warmup :],
+            "peak_bytes": _peak_memory(job.device),
             "prompt_tokens": plen, "params": sum(p.numel() for p in parts.model.parameters())}
 
 
@@ -220,11 +231,13 @@ def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in data.read_text().splitlines()]
     ends: list[float] = []
     gen_times: list[float] = []
+    fault_ends: list[int] = []
 
     class StepEnds(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             _sync(job.device)
             ends.append(time.perf_counter())
+            fault_ends.append(_minor_faults())
             if len(ends) == job.warmup and job.device == "cuda":
                 torch.cuda.reset_peak_memory_stats()
 
@@ -253,13 +266,14 @@ def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
         return out
 
     trainer._generate_single_turn = timed_generate  # type: ignore[method-assign]
-    t_start = time.perf_counter()
+    t_start, f_start = time.perf_counter(), _minor_faults()
     trainer.train()
     starts = [t_start] + ends[:-1]
     steps = [e - s for s, e in zip(starts, ends, strict=True)]
+    faults = [e - s for s, e in zip([f_start] + fault_ends[:-1], fault_ends, strict=True)]
     plen = len(trainer.processing_class(text=rows[0]["prompt"])["input_ids"])
     return {"step_s": steps[job.warmup :], "generate_s": gen_times[job.warmup :], "update_s": [],
-            "warmup_s": steps[: job.warmup],
+            "warmup_s": steps[: job.warmup], "faults": faults[job.warmup :],
             "peak_bytes": _peak_memory(job.device), "prompt_tokens": plen,
             "params": sum(p.numel() for p in trainer.model.parameters())}
 
@@ -291,7 +305,7 @@ def summarize(job: Job, results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "median_step_s": med, "completion_tokens_per_s": toks / med, "peak_gib": r["peak_bytes"] / 2**30,
             "median_generate_s": median(r["generate_s"]), "median_update_s": median(r["update_s"]),
             "steps_timed": len(r["step_s"]), "prompt_tokens": r["prompt_tokens"], "params": r["params"],
-            "warmup_s": r["warmup_s"],
+            "warmup_s": r["warmup_s"], "median_minor_faults_per_step": median(r["faults"]),
         }
     if "guidedrl" in results and "trl" in results:
         g, t = summary["guidedrl"], summary["trl"]
@@ -314,7 +328,8 @@ def print_table(s: dict[str, Any]) -> None:
     sides = [k for k in ("guidedrl", "trl") if k in s]
     print(f"\n{'':28s}" + "".join(f"{k:>14s}" for k in sides))
     for key, fmt in [("median_step_s", "{:.3f}"), ("completion_tokens_per_s", "{:.0f}"), ("peak_gib", "{:.3f}"),
-                     ("median_generate_s", "{:.3f}"), ("median_update_s", "{:.3f}"), ("steps_timed", "{}"),
+                     ("median_generate_s", "{:.3f}"), ("median_update_s", "{:.3f}"),
+                     ("median_minor_faults_per_step", "{:.0f}"), ("steps_timed", "{}"),
                      ("prompt_tokens", "{}")]:
         print(f"{key:28s}" + "".join(f"{fmt.format(s[k][key]):>14s}" for k in sides))
     if "speedup" in s:
@@ -368,8 +383,8 @@ def main() -> None:
                       f"(steps {', '.join(f'{x:.3f}' for x in r['step_s'])}; process {time.perf_counter() - t0:.0f} s)",
                       flush=True)
                 acc = results.setdefault(side, {"step_s": [], "generate_s": [], "update_s": [], "warmup_s": [],
-                                                "peak_bytes": 0.0})
-                for k in ("step_s", "generate_s", "update_s", "warmup_s"):
+                                                "faults": [], "peak_bytes": 0.0})
+                for k in ("step_s", "generate_s", "update_s", "warmup_s", "faults"):
                     acc[k] += r[k]
                 acc["peak_bytes"] = max(acc["peak_bytes"], r["peak_bytes"])
                 acc["prompt_tokens"], acc["params"] = r["prompt_tokens"], r["params"]
