@@ -31,6 +31,7 @@ a model whose attention is plain causal softmax attention (`supports`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -121,8 +122,10 @@ def cascade_train_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
+@functools.cache
 def register() -> None:
-    """Make the function known to transformers (idempotent)."""
+    """Make the function known to transformers (once a process: every later call is a cache hit,
+    since the update's forward calls it each micro-batch)."""
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, cascade_train_attention)
