@@ -9,6 +9,7 @@ alternate, repeat after repeat, and the medians are compared, so a change of loa
     .venv/bin/python bench/ab_interleaved.py decode-skip-guards            # dynamo's skip_guard_eval_unsafe stance
     .venv/bin/python bench/ab_interleaved.py compile-layers                # update fwd+bwd, eager vs compiled layers
     .venv/bin/python bench/ab_interleaved.py attention-kernel              # CPU flash kernel, causal vs not
+    .venv/bin/python bench/ab_interleaved.py drop-finished                 # the demo's rollouts, finished rows dropped or kept
 
 The first call of each variant is timed apart (it holds the compile; with an empty
 TORCHINDUCTOR_CACHE_DIR, the cold compile). Options: --completion-len (128), --repeats, --threads (2). Shapes: 8 prompts x 8 samples, 64-token
@@ -91,9 +92,10 @@ def _decoder_runner(model: Any, dec: Any, R: int, around: Callable[[], Any] | No
         with torch.no_grad():
             attn, _, inv, first, cache = engine._prefill(contexts)
             with around() if around else contextlib.nullcontext():
+                draws = 1.0 - torch.rand((R, len(contexts)), generator=gen)  # (R, B) as the engine draws them
                 t = time.perf_counter()
                 dec.decode(cache, first, attn, inv, max_new=R, min_new=R, temperature=1.0, top_k=0, top_p=1.0,
-                           pad_id=0, eos=torch.tensor([2]), gen=gen)
+                           pad_id=0, eos=torch.tensor([2]), draws=draws)
                 return time.perf_counter() - t
 
     return run
@@ -184,10 +186,47 @@ def attention_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
     return out
 
 
+def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """The demo's rollout on its own base model (built into the cache first if missing): 32 prompts of
+    the arith training split (levels 2-7) x 8 samples, up to 80 tokens at temperature 1, plain loop."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from guidedrl.base import ensure_base
+    from guidedrl.config import RolloutConfig
+    from guidedrl.data.tasks import arith
+    from guidedrl.rollout.base import GenRequest
+    from guidedrl.rollout.hf import HFEngine
+
+    path = ensure_base("arith", progress=False)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    samples = arith.make_samples("train", size=32, levels=[2, 3, 4, 5, 6, 7], seed=0)
+    reqs = [GenRequest(tok(s.prompt, add_special_tokens=False)["input_ids"], n=8) for s in samples]
+    seen: dict[bool, list[list[int]]] = {}
+
+    def runner(drop: bool) -> Callable[[], float]:
+        engine = HFEngine(model, tok, RolloutConfig(max_new_tokens=80, static_cache=False, drop_finished_rows=drop))
+
+        def run() -> float:
+            t = time.perf_counter()
+            out = engine.generate(reqs, seed=0)
+            dt = time.perf_counter() - t
+            seen[drop] = [g.ids for gs in out for g in gs]
+            if len(seen) == 2 and seen[True] != seen[False]:
+                raise SystemExit("dropping finished rows changed the tokens")
+            return dt
+        return run
+
+    variants = {"rows kept": runner(False), "finished rows dropped": runner(True)}
+    lengths = [len(g.ids) for gs in HFEngine(model, tok, RolloutConfig(max_new_tokens=80)).generate(reqs, seed=0) for g in gs]
+    print(f"completion lengths: mean {statistics.mean(lengths):.1f}, max {max(lengths)}, rows {len(lengths)}")
+    return variants
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["decode-rev", "decode-unroll", "decode-mkl1", "decode-skip-guards",
-                                     "compile-layers", "attention-kernel"])
+                                     "compile-layers", "attention-kernel", "drop-finished"])
     ap.add_argument("--rev", default="HEAD~1", help="decode-rev: the git revision to compare with")
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
@@ -198,10 +237,13 @@ def main() -> None:
         variants = decode_variants(a)
     elif a.what == "compile-layers":
         variants = compile_layer_variants(a)
+    elif a.what == "drop-finished":
+        variants = drop_finished_variants(a)
     else:
         variants = attention_variants(a)
     res = interleave(variants, a.repeats)
-    print(f"{a.what}, {a.completion_len} tokens, {a.threads} threads, medians of {a.repeats} interleaved repeats "
+    what = "the demo's rollouts (up to 80 tokens)" if a.what == "drop-finished" else f"{a.completion_len} tokens"
+    print(f"{a.what}, {what}, {a.threads} threads, medians of {a.repeats} interleaved repeats "
           f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}):")
     for k, (ms, first) in res.items():
         print(f"  {k:28s} {ms:9.1f} ms   (first call {first:.1f} s)")

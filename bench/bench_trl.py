@@ -75,6 +75,13 @@ JOBS = {
                warmup=2, steps=10, rounds=3, threads=2,
                options=("rollout.static_cache=true", "rollout.compile_decode=true", "train.compile_logprobs=true",
                         "train.compile_model=true")),
+    # the length sweep's control: head dimension 64 and a 4x MLP, so that attention is a small share of
+    # the FLOPs (6% at 128 completion tokens, 14% at 512; the GPU job's 2-4%), not the tiny model's 17-38%
+    "cpu-wide": Job(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1024, vocab=512, prompts=4, group=8,
+                    prompt_len=64, completion_len=128, micro_batch=32, device="cpu", dtype="float32",
+                    warmup=2, steps=6, rounds=1, threads=2,
+                    options=("rollout.static_cache=true", "rollout.compile_decode=true",
+                             "train.compile_logprobs=true", "train.compile_model=true")),
     # the anchor: Qwen2-0.5B shape, bf16, 8 prompts x 8 samples, 64 + 256 tokens
     "gpu": Job(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, prompts=8, group=8,
                prompt_len=64, completion_len=256, micro_batch=32, device="cuda", dtype="bfloat16",

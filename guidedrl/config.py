@@ -135,6 +135,9 @@ class RolloutConfig(Strict):
     """Stop strings; the completion is cut after the first one (finish reason `stop`)."""
     batch_size: int = Field(256, ge=1)
     """Sequences generated together (memory knob)."""
+    drop_finished_rows: bool = True
+    """Plain decode loop: take finished rows out of the batch and its KV cache (once they are an
+    eighth of it). Changes no tokens; off only to measure it."""
     static_cache: bool | None = None
     """Decode over a preallocated KV cache with one compiled step (a CUDA graph on GPU; see
     guidedrl.rollout.static). None = on CUDA when `stop` is empty."""

@@ -5,6 +5,8 @@
 - the static-cache decode (compiled on CPU in one test, on GPU in tests/gpu) vs the plain loop:
   token for token under greedy decoding, log-probs to 1e-4, behaviour log-probs = a fresh forward;
   with equal groups (one shared prompt store, cascade attention) and without, 1 and 3 tokens a call;
+  and the same sampled tokens (both sample from the same up-front draws);
+- the plain loop with finished rows dropped from its batch vs kept: the same tokens;
 - cascade decode attention (eager and compiled) vs sdpa over every row's own [prompt; response]
   keys over repeated KV heads;
 - the compiled log-prob / entropy chunk vs the eager one (values and gradients);
@@ -69,7 +71,7 @@ def _group_reqs(tok) -> list[GenRequest]:
     return [GenRequest(render_prompt(tok, Sample(id=str(i), prompt=p), chat=True), n=4) for i, p in enumerate(prompts)]
 
 
-def _greedy_pair(model, tok, reqs, *, unroll: int | None, compile_step: bool = False, graph_forward: bool | None = None,
+def _decode_pair(model, tok, reqs, *, unroll: int | None, compile_step: bool = False, graph_forward: bool | None = None,
                  **kw):
     """(plain loop, static decode) generations with eos made likely, so both finish reasons occur."""
     bias = torch.zeros(model.config.vocab_size)
@@ -93,7 +95,7 @@ def _greedy_pair(model, tok, reqs, *, unroll: int | None, compile_step: bool = F
 def test_static_decode_equals_the_plain_loop_greedily(tiny, min_new: int, groups: bool, unroll: int) -> None:
     model, tok = tiny
     reqs = _group_reqs(tok) if groups else _reqs(tok)  # equal groups: one prompt-store row per group
-    plain, fast = _greedy_pair(model, tok, reqs, unroll=unroll, max_new_tokens=14, min_new_tokens=min_new, top_k=1)
+    plain, fast = _decode_pair(model, tok, reqs, unroll=unroll, max_new_tokens=14, min_new_tokens=min_new, top_k=1)
     assert [x.ids for x in plain] == [x.ids for x in fast]
     assert [x.finish_reason for x in plain] == [x.finish_reason for x in fast]
     assert _max_lp_diff(plain, fast) < 1e-4
@@ -103,13 +105,51 @@ def test_static_decode_equals_the_plain_loop_greedily(tiny, min_new: int, groups
         assert {x.finish_reason for x in fast} == {"eos", "length"}
 
 
+@pytest.mark.parametrize("groups", [False, True])
+def test_static_decode_samples_the_plain_loops_tokens(tiny, groups: bool) -> None:
+    """Both paths sample by inverse CDF from the same up-front draws: the same tokens when sampling."""
+    model, tok = tiny
+    reqs = _group_reqs(tok) if groups else _reqs(tok)
+    plain, fast = _decode_pair(model, tok, reqs, unroll=None, max_new_tokens=14, temperature=0.9, top_p=0.95)
+    assert [x.ids for x in plain] == [x.ids for x in fast]
+    assert _max_lp_diff(plain, fast) < 1e-4
+    assert len({tuple(x.ids) for x in fast}) > len(reqs)  # sampled: a group's rows differ
+
+
+def test_dropping_finished_rows_changes_no_token_and_shrinks_the_forward(tiny) -> None:
+    model, tok = tiny
+    bias = torch.zeros(model.config.vocab_size)
+    bias[tok.eos_token_id] = 2.0  # rows end at eos at scattered steps, some run to the limit
+    rows: list[int] = []
+    hooks = [model.lm_head.register_forward_hook(lambda m, i, o: o + bias),
+             model.register_forward_pre_hook(lambda m, a, kw: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)]
+    out = {}
+    try:
+        for drop in (False, True):
+            cfg = RolloutConfig(max_new_tokens=24, temperature=0.9, top_p=0.95, static_cache=False, drop_finished_rows=drop)
+            rows.clear()
+            out[drop] = (_flat(HFEngine(model, tok, cfg).generate(_group_reqs(tok), seed=3)), list(rows))
+    finally:
+        for h in hooks:
+            h.remove()
+    (kept, rows_kept), (dropped, rows_dropped) = out[False], out[True]
+    assert [x.ids for x in kept] == [x.ids for x in dropped]
+    assert [x.finish_reason for x in kept] == [x.finish_reason for x in dropped]
+    assert _max_lp_diff(kept, dropped) < 1e-5
+    lengths = [len(x.ids) for x in dropped]
+    assert len(set(lengths)) >= 3 and max(lengths) == 24  # ragged, with a row to the limit
+    assert rows_kept[1:] == [12] * (len(rows_kept) - 1)  # after the prefill (3 prompts) all 12 rows every step
+    assert rows_dropped[1:] == sorted(rows_dropped[1:], reverse=True) and rows_dropped[-1] < 12
+    assert sum(rows_dropped) < sum(rows_kept)
+
+
 @pytest.mark.parametrize("graph_forward", [False, True])
 def test_compiled_decode_equals_the_plain_loop_greedily(tiny, graph_forward: bool) -> None:
     """The compiled fast paths on CPU: as the CPU benchmark runs it (whole step compiled, 4 tokens a
     call, reading the written slots) and as CUDA runs it (only the forward compiled, in
     "reduce-overhead" mode, which on CPU compiles without a CUDA graph; the sampler eager)."""
     model, tok = tiny
-    plain, fast = _greedy_pair(model, tok, _group_reqs(tok), unroll=None, compile_step=True,
+    plain, fast = _decode_pair(model, tok, _group_reqs(tok), unroll=None, compile_step=True,
                                graph_forward=graph_forward, max_new_tokens=10, top_k=1)
     assert [x.ids for x in plain] == [x.ids for x in fast]
     assert _max_lp_diff(plain, fast) < 1e-4

@@ -4,7 +4,10 @@ Why a loop of our own instead of `model.generate`: we need the behaviour log-pro
 token without keeping (B, T, V) logits, forced response prefixes, stop strings, per-row early exit and
 a seeded generator that makes CPU sampling reproducible.
 
-Sampling matches `generate(do_sample=True)`: logits / temperature, then top-k, then top-p. The
+Sampling matches `generate(do_sample=True)` in distribution: logits / temperature, then top-k, then
+top-p, then inverse-CDF sampling from one uniform per step and row, drawn up front from the seeded
+CPU generator (the same draws for the plain loop and the static decode, so both give the same tokens
+under one seed, and dropping finished rows from the batch changes no other row's tokens). The
 recorded behaviour log-prob is log_softmax(logits / temperature) of the sampled token, i.e. what a
 fresh forward pass at the same temperature gives (top-k/top-p truncation is not renormalized into
 it, as in verl and TRL).
@@ -21,7 +24,7 @@ from guidedrl import cascade
 from guidedrl.config import RolloutConfig
 from guidedrl.models import cache_kwarg, unwrap
 from guidedrl.rollout.base import Generation, GenRequest
-from guidedrl.rollout.static import StaticDecoder
+from guidedrl.rollout.static import StaticDecoder, inverse_cdf_sample
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -47,7 +50,6 @@ class HFEngine:
         self.model = model
         self.share_prefill = share_prefill
         self._static_decoder: StaticDecoder | None = None
-        self._device_gen: torch.Generator | None = None
         self.tokenizer = tokenizer
         self.cfg = cfg
         self.pad_id = tokenizer.pad_token_id
@@ -140,58 +142,67 @@ class HFEngine:
         dev = self.device
         attn_u, pos_u, inv, first, cache = self._prefill(contexts)
         eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
+        # one uniform per step and row, drawn up front from the seeded CPU generator: both decode paths
+        # sample from the same draws, and a row's tokens do not depend on which other rows still run
+        draws = (1.0 - torch.rand((max_new, len(contexts)), generator=gen)).to(dev)  # (N, B) in (0, 1]
         if self._use_static():
-            if self._device_gen is None or self._device_gen.device != dev:
-                self._device_gen = torch.Generator(device=dev)
-            self._device_gen.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
             out_ids, out_lp = self._static().decode(
                 cache, first, attn_u, inv, max_new=max_new, min_new=self.cfg.min_new_tokens, temperature=temperature,
-                top_k=self.cfg.top_k, top_p=self.cfg.top_p, pad_id=self.pad_id, eos=eos, gen=self._device_gen,
+                top_k=self.cfg.top_k, top_p=self.cfg.top_p, pad_id=self.pad_id, eos=eos, draws=draws,
             )
             lengths, reason = _ends(out_ids, eos)
             return self._finish(out_ids, out_lp, lengths, reason)
         for layer in cache.layers:
             layer.batch_select_indices(inv)  # (U, ...) -> (B, ...): the shared prompt's KV, expanded
-        return self._decode_loop(first[inv], cache, attn_u[inv], pos_u[inv], max_new, temperature, gen)
+        return self._decode_loop(first[inv], cache, attn_u[inv], pos_u[inv], draws, temperature)
 
     def _decode_loop(
-        self, first: Tensor, cache: Any, attn: Tensor, pos: Tensor, max_new: int, temperature: float, gen: torch.Generator
+        self, first: Tensor, cache: Any, attn: Tensor, pos: Tensor, draws: Tensor, temperature: float
     ) -> list[Generation]:
-        """The plain loop: one model call per token through Python, sampling from the seeded CPU generator."""
+        """The plain loop: one model call per token through Python. draws (N, B): the uniforms of
+        `inverse_cdf_sample`, one per step and row.
+
+        With `rollout.drop_finished_rows`, rows that have finished leave the batch (and the KV cache)
+        once they are an eighth of it, so the forward runs only over rows still generating.
+        """
         dev = self.device
-        B = attn.shape[0]
+        max_new, B = draws.shape
         out_ids = torch.full((B, max_new), self.pad_id, dtype=torch.long, device=dev)
         out_lp = torch.zeros((B, max_new), dtype=torch.float32, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        live = torch.arange(B, device=dev)  # (A,) the batch row of each row still in the forward
         reason = ["length"] * B
         lengths = [max_new] * B
         eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
-        raw = first  # (B, V) logits of the prefill's last position
+        pad = torch.tensor(self.pad_id, device=dev)
+        raw = first  # (A, V) logits of the prefill's last position
         for t in range(max_new):
             if t > 0:
                 res = self.model(
-                    input_ids=out_ids[:, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
+                    input_ids=out_ids[live, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 )
                 cache, raw = getattr(res, self._cache_kw), res.logits[:, -1, :]
-            logits = raw.float() / temperature  # (B, V)
+            logits = raw.float() / temperature  # (A, V)
             if t < self.cfg.min_new_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
-            logp = logits.log_softmax(-1)  # (B, V)
+            logp = logits.log_softmax(-1)  # (A, V)
             probs = _filter_logits(logits, self.cfg.top_k, self.cfg.top_p).softmax(-1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=gen).squeeze(-1).to(dev)  # (B,)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            out_ids[:, t] = nxt
-            out_lp[:, t] = logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0)
-            newly = ~done & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(done)
-            for b in newly.nonzero().flatten().tolist():
+            was_done = done[live]  # (A,)
+            nxt = torch.where(was_done, pad, inverse_cdf_sample(probs, draws[t, live][:, None]))  # (A,)
+            out_ids[live, t] = nxt
+            out_lp[live, t] = logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(was_done, 0.0)
+            newly = ~was_done & torch.isin(nxt, eos) if eos.numel() else torch.zeros_like(was_done)
+            for b in live[newly].tolist():
                 reason[b], lengths[b] = "eos", t + 1
-            done |= newly
+            done[live[newly]] = True
             if self.cfg.stop:
                 self._check_stops(out_ids, t, done, reason, lengths)
             if bool(done.all()):
                 break
-            attn = torch.cat([attn, attn.new_ones((B, 1))], dim=1)  # finished rows keep decoding pads; ignored
+            attn = torch.cat([attn, attn.new_ones((len(live), 1))], dim=1)  # finished rows still in decode pads
+            if self.cfg.drop_finished_rows:
+                cache, live, attn, pos = _drop_finished(cache, live, attn, pos, done)
         return self._finish(out_ids, out_lp, lengths, reason)
 
     def _check_stops(self, out_ids: Tensor, t: int, done: Tensor, reason: list[str], lengths: list[int]) -> None:
@@ -221,6 +232,18 @@ class HFEngine:
             if any(s in self.tokenizer.decode(ids[:k]) for s in self.cfg.stop):
                 return ids[:k], lps[:k]
         return ids, lps
+
+
+def _drop_finished(cache: Any, live: Tensor, attn: Tensor, pos: Tensor, done: Tensor) -> tuple[Any, Tensor, Tensor, Tensor]:
+    """Take finished rows out of the plain loop's batch once they are an eighth of it (each drop copies
+    the KV cache once, about one decode step's reads). live (A,) batch rows in the forward; attn (A, L),
+    pos (A, P) theirs; done (B,). -> (cache, live, attn, pos) of the rows kept."""
+    keep = (~done[live]).nonzero().flatten()  # (A',)
+    if (len(live) - len(keep)) * 8 < len(live):
+        return cache, live, attn, pos
+    for layer in cache.layers:
+        layer.batch_select_indices(keep)
+    return cache, live[keep], attn[keep], pos[keep]
 
 
 def _ends(out_ids: Tensor, eos: Tensor) -> tuple[list[int], list[str]]:

@@ -25,13 +25,13 @@ graph and each token costs one graph replay plus a few tiny launches. What makes
 - on CPU, 4 tokens per compiled call (each call pays dynamo's guards and the launch code, more
   than the small model's kernels), reading only the response slots written so far;
 - sampling by inverse CDF (the first token whose cumulative probability reaches u * total,
-  u ~ U(0, 1]), with the uniforms of every row and step drawn at once from a seeded generator on
-  the device; inside the compiled step on CPU, eagerly after the graph's replay on CUDA. (An exponential
-  race, argmax p / E as in vLLM, needs (B, V) noise a step: drawing it was a third of the CPU
-  decode time.)
+  u ~ U(0, 1]), with the uniforms of every row and step drawn up front by the engine (the plain
+  loop samples from the same draws); inside the compiled step on CPU, eagerly after the graph's
+  replay on CUDA. (An exponential race, argmax p / E as in vLLM, needs (B, V) noise a step: drawing
+  it was a third of the CPU decode time.)
 
-Departures from the plain loop: the same seed gives different samples (another sampler and RNG);
-with top_k = 1 both are greedy and agree token for token. No stop strings (the engine falls back to
+Departures from the plain loop: none in the tokens (the same sampler and draws, so the same seed
+gives the same samples up to floating-point near-ties). No stop strings (the engine falls back to
 the plain loop when `rollout.stop` is set). Finished rows keep decoding pad tokens until every row
 is done (fixed shapes); the loop checks for that every `check_every` steps.
 """
@@ -266,12 +266,13 @@ class StaticDecoder:
         top_p: float,
         pad_id: int,
         eos: Tensor,
-        gen: torch.Generator,
+        draws: Tensor,
     ) -> tuple[Tensor, Tensor]:
         """Continue U prefilled contexts as B = len(inverse) rows (row b continues context inverse[b]).
 
         prefill_cache: the dynamic cache of the prefill over the U left-padded contexts (U, P);
-        first_logits (U, V): their last-position logits; attn (U, P) their attention mask.
+        first_logits (U, V): their last-position logits; attn (U, P) their attention mask; draws
+        (max_new, B) the sampler's uniforms in (0, 1], one per step and row.
         -> out_ids (B, max_new) with pad after a row's eos, out_logprobs (B, max_new) (0 there).
         """
         U, P = attn.shape
@@ -286,7 +287,8 @@ class StaticDecoder:
         self._load_prefill(prefill_cache, attn, inverse, grouped)
         pad = torch.tensor(pad_id, device=dev)
         eos = eos.to(dev)
-        b["draws"].uniform_(generator=gen).neg_().add_(1.0)  # 1 - U[0, 1): a draw of 0 could pick a zero-mass token
+        b["draws"].fill_(1.0)  # the k - 1 slots past max_new: tokens that are dropped
+        b["draws"][:max_new, :, 0].copy_(draws)  # (max_new, B)
         b["eos_bias"].zero_()
         if eos.numel():
             b["eos_bias"][eos] = float("-inf")
