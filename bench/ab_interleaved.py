@@ -9,7 +9,7 @@ alternate, repeat after repeat, and the medians are compared, so a change of loa
     .venv/bin/python bench/ab_interleaved.py decode-skip-guards            # dynamo's skip_guard_eval_unsafe stance
     .venv/bin/python bench/ab_interleaved.py compile-layers                # update fwd+bwd, eager vs compiled layers
     .venv/bin/python bench/ab_interleaved.py attention-kernel              # CPU flash kernel, causal vs not
-    .venv/bin/python bench/ab_interleaved.py drop-finished                 # the demo's rollouts, finished rows dropped or kept
+    .venv/bin/python bench/ab_interleaved.py drop-finished [--with-static] # the demo's rollouts, finished rows dropped or kept
 
 The first call of each variant is timed apart (it holds the compile; with an empty
 TORCHINDUCTOR_CACHE_DIR, the cold compile). Options: --completion-len (128), --repeats, --threads (2). Shapes: 8 prompts x 8 samples, 64-token
@@ -202,22 +202,27 @@ def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], floa
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     samples = arith.make_samples("train", size=32, levels=[2, 3, 4, 5, 6, 7], seed=0)
     reqs = [GenRequest(tok(s.prompt, add_special_tokens=False)["input_ids"], n=8) for s in samples]
-    seen: dict[bool, list[list[int]]] = {}
+    seen: dict[str, list[list[int]]] = {}
 
-    def runner(drop: bool) -> Callable[[], float]:
-        engine = HFEngine(model, tok, RolloutConfig(max_new_tokens=80, static_cache=False, drop_finished_rows=drop))
+    def runner(name: str, drop: bool, static: bool = False) -> Callable[[], float]:
+        engine = HFEngine(model, tok, RolloutConfig(max_new_tokens=80, static_cache=static, compile_decode=static,
+                                                    drop_finished_rows=drop))
+        if static != engine._use_static():
+            raise SystemExit(f"{name}: the engine would not take the path asked for")
 
         def run() -> float:
             t = time.perf_counter()
             out = engine.generate(reqs, seed=0)
             dt = time.perf_counter() - t
-            seen[drop] = [g.ids for gs in out for g in gs]
-            if len(seen) == 2 and seen[True] != seen[False]:
-                raise SystemExit("dropping finished rows changed the tokens")
+            seen[name] = [g.ids for gs in out for g in gs]
+            if any(v != seen[name] for v in seen.values()):  # the same draws: the same tokens on every path
+                raise SystemExit(f"{name} gave other tokens")
             return dt
         return run
 
-    variants = {"rows kept": runner(False), "finished rows dropped": runner(True)}
+    variants = {name: runner(name, drop) for name, drop in (("rows kept", False), ("finished rows dropped", True))}
+    if a.with_static:  # the compiled static decode (all rows to the end, a 16-step check for all done)
+        variants["static compiled decode"] = runner("static compiled decode", False, static=True)
     lengths = [len(g.ids) for gs in HFEngine(model, tok, RolloutConfig(max_new_tokens=80)).generate(reqs, seed=0) for g in gs]
     print(f"completion lengths: mean {statistics.mean(lengths):.1f}, max {max(lengths)}, rows {len(lengths)}")
     return variants
@@ -231,6 +236,7 @@ def main() -> None:
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--with-static", action="store_true", help="drop-finished: also the compiled static decode")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     if a.what.startswith("decode"):

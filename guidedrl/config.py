@@ -136,14 +136,11 @@ class RolloutConfig(Strict):
     batch_size: int = Field(256, ge=1)
     """Sequences generated together (memory knob)."""
     drop_finished_rows: bool = True
-    """Plain decode loop: take finished rows out of the batch and its KV cache (once they are an
-    eighth of it). Changes no tokens; off only to measure it."""
+    """Plain decode loop: finished rows leave the batch and KV cache (changes no token)."""
     static_cache: bool | None = None
-    """Decode over a preallocated KV cache with one compiled step (a CUDA graph on GPU; see
-    guidedrl.rollout.static). None = on CUDA when `stop` is empty."""
+    """Preallocated KV cache, one compiled decode step (guidedrl.rollout.static). None = on CUDA."""
     compile_decode: bool | None = None
-    """Compile the static path's decode step with torch.compile (a CUDA graph on GPU, inductor's C++
-    kernels on CPU; a one-off compile of seconds per batch shape). None = on CUDA only."""
+    """torch.compile the static decode step (CUDA graph on GPU; seconds once a shape). None = on CUDA."""
 
 
 # ----------------------------------------------------------------------------- reward
