@@ -249,12 +249,15 @@ def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
                 torch.cuda.reset_peak_memory_stats()
 
     cuda = job.device == "cuda"
+    # guidedrl's mixed precision asked for (--set model.autocast=bfloat16): TRL's too (its bf16 flag
+    # runs the forward under torch.autocast through accelerate, on CPU as well)
+    autocast = cuda or "model.autocast=bfloat16" in job.options
     args = GRPOConfig(
         output_dir=str(mdir.parent / "trl_out"), per_device_train_batch_size=job.micro_batch,
         gradient_accumulation_steps=n // job.micro_batch, num_generations=job.group,
         max_completion_length=job.completion_len, generation_kwargs={"min_new_tokens": job.completion_len},
         beta=0.0, num_iterations=1, learning_rate=1e-6, max_steps=job.warmup + job.steps, logging_steps=1,
-        report_to="none", save_strategy="no", use_cpu=not cuda, bf16=cuda, gradient_checkpointing=False,
+        report_to="none", save_strategy="no", use_cpu=not cuda, bf16=autocast, gradient_checkpointing=False,
         dataloader_num_workers=0, seed=0, temperature=1.0, disable_tqdm=True,
     )
     trainer = GRPOTrainer(model=str(mdir), reward_funcs=trl_reward, args=args,

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from guidedrl.models import attention_dtype
+
 ATTN_NAME = "guidedrl_cascade_train"
 
 # Model types whose layers call the attention interface with plain causal attention (no sliding
@@ -116,9 +118,9 @@ def cascade_train_attention(
     pks, pvs, pmask = guidedrl_prefix
     D = query.shape[-1]
     scale = D**-0.5 if scaling is None else scaling
-    pk, pv = pks[module.layer_idx], pvs[module.layer_idx]
-    out = CascadeAttention.apply(query.contiguous(), key.contiguous(), value.contiguous(), pk.contiguous(),
-                                 pv.contiguous(), pmask, scale)
+    dt = attention_dtype(value)  # under autocast RoPE leaves q and k in float32, v in bf16: one dtype, as sdpa
+    q, k, v, pk, pv = (x.to(dt).contiguous() for x in (query, key, value, pks[module.layer_idx], pvs[module.layer_idx]))
+    out = CascadeAttention.apply(q, k, v, pk, pv, None if pmask is None else pmask.to(dt), scale)
     return out.transpose(1, 2).contiguous(), None
 
 

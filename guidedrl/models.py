@@ -3,6 +3,7 @@ base model, or a tiny random config; LoRA via peft; dtype and device chosen auto
 
 from __future__ import annotations
 
+import functools
 import inspect
 import os
 from contextlib import contextmanager
@@ -29,9 +30,41 @@ def resolve_device(cfg: ModelConfig) -> torch.device:
 
 
 def resolve_dtype(cfg: ModelConfig, device: torch.device) -> torch.dtype:
+    """The weights' dtype: float32 under `autocast` (mixed precision keeps full-precision weights)."""
     if cfg.dtype != "auto":
         return getattr(torch, cfg.dtype)
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if device.type == "cuda" and cfg.autocast == "none" else torch.float32
+
+
+def attention_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype attention computes in for an input like x: autocast's where it is on (as torch's
+    sdpa does under autocast; our own attention functions cast q, k, v to it), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def autocast_trunk(model: nn.Module, dtype: torch.dtype) -> None:
+    """Run the decoder trunk's forward under torch.autocast(dtype) (`model.autocast`), in place.
+
+    Mixed precision as TRL's `bf16=True` or verl's FSDP param_dtype do it: the matmuls compute in
+    bf16, while weights, gradients and AdamW state stay float32, so steps far below bf16's 2^-8
+    relative precision are not rounded away (with bf16 weights an lr of 1e-6 moves almost nothing).
+    The residual stream stays float32 (bf16 block outputs are added to it), and the LM head and the
+    log-softmax run outside the autocast region, in float32: selected-token log-probs and the PPO
+    ratio keep full precision. Everything that runs the trunk (rollouts, prefill, the update, the
+    reference) goes through this forward; parameters and state-dict keys are unchanged.
+    """
+
+    trunk, _ = trunk_and_head(model)
+    device_type = next(trunk.parameters()).device.type
+    inner = trunk.forward
+
+    @functools.wraps(inner)
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=dtype):
+            return inner(*args, **kwargs)
+
+    trunk.forward = forward
 
 
 def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512) -> Any:
@@ -148,6 +181,8 @@ def load_model(cfg: ModelConfig, tokenizer: Any, *, trainable: bool = True) -> n
         except (OSError, ValueError) as e:
             raise ModelError(f"model.path: cannot load a causal LM from {loc!r}: {e}") from None
     model = model.to(device=device, dtype=dtype)
+    if cfg.autocast != "none":
+        autocast_trunk(model, getattr(torch, cfg.autocast))
     if cfg.gradient_checkpointing and trainable:
         model.gradient_checkpointing_enable()
         model.config.use_cache = False

@@ -44,7 +44,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from guidedrl.models import attention_implementation
+from guidedrl.models import attention_dtype, attention_implementation
 
 ATTN_NAME = "guidedrl_cascade_decode"
 
@@ -85,8 +85,8 @@ def cascade_decode_attention(
     pks, pvs, pmask, ks, vs, t = guidedrl_decode
     i = module.layer_idx
     slot = (t - 1).view(1)
-    ks[i].index_copy_(2, slot, key)  # (B, Hkv, 1, D) into (B, Hkv, L, D)
-    vs[i].index_copy_(2, slot, value)
+    ks[i].index_copy_(2, slot, key.to(ks[i].dtype))  # (B, Hkv, 1, D) into (B, Hkv, L, D); float32 keys under autocast
+    vs[i].index_copy_(2, slot, value.to(vs[i].dtype))
     n = attention_mask.shape[-1]
     k, v = ks[i][:, :, :n], vs[i][:, :, :n]  # the slots this call reads
     pk, pv = pks[i], pvs[i]  # (U, Hkv, P, D)
@@ -95,13 +95,14 @@ def cascade_decode_attention(
     G, g = B // U, Hq // Hkv
     fused = query.device.type == "cpu" and torch.compiler.is_compiling()
     scale = D**-0.5 if scaling is None else scaling
-    q = query.reshape(B, Hkv, g, D)  # the heads of one KV group adjacent
+    dt = attention_dtype(value)  # the stores' dtype: the model's, or autocast's as sdpa would compute in
+    q = query.to(dt).reshape(B, Hkv, g, D)  # the heads of one KV group adjacent
     qg = q.view(U, G, Hkv, g, D).transpose(1, 2).reshape(U, Hkv, G * g, D)  # a group's queries together
     s_p = torch.matmul(qg, pk.transpose(-1, -2)).float() * scale + pmask.float()  # (U, Hkv, G*g, P), padding masked
     s_r = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # (B, Hkv, g, n)
     s_r = s_r + attention_mask.float()  # (B, 1, 1, n): unwritten slots masked
     s_p = s_p.view(U, Hkv, G, g, P).transpose(1, 2).reshape(B, Hkv, g, P)
-    probs = torch.cat([s_p, s_r], -1).softmax(-1).to(value.dtype)  # (B, Hkv, g, P+n): one softmax
+    probs = torch.cat([s_p, s_r], -1).softmax(-1).to(dt)  # (B, Hkv, g, P+n): one softmax
     p_p = probs[..., :P].reshape(U, G, Hkv, g, P).transpose(1, 2).reshape(U, Hkv, G * g, P)
     out_p = _weighted_values(p_p, pv, fused).view(U, Hkv, G, g, D).transpose(1, 2).reshape(B, Hkv, g, D)
     out = out_p + _weighted_values(probs[..., P:], v, fused)  # (B, Hkv, g, D)
@@ -277,7 +278,7 @@ class StaticDecoder:
         """
         U, P = attn.shape
         B, V, dev = len(inverse), first_logits.shape[-1], first_logits.device
-        dtype = prefill_cache.layers[0].keys.dtype
+        dtype = prefill_cache.layers[0].values.dtype  # the model's, or autocast's (keys leave RoPE in float32)
         grouped = _grouped(inverse, U)  # rows u*G..u*G+G-1 continue prompt u: the prompt store holds U rows
         k = self._tokens_per_call(dev)
         # a call may run k - 1 tokens past max_new (dropped): the response store has room for them

@@ -1,5 +1,6 @@
 """GPU paths (skipped without CUDA): the compiled static-cache decode (a CUDA graph) against the plain
-loop, behaviour log-probs against a fresh forward, seeded determinism, fused AdamW, a bf16 step."""
+loop, behaviour log-probs against a fresh forward, seeded determinism, fused AdamW, a bf16 step, a
+mixed-precision (autocast) step."""
 
 from __future__ import annotations
 
@@ -91,3 +92,19 @@ def test_bf16_train_step_on_gpu_uses_fused_adamw_and_changes_weights() -> None:
     metrics, flat = train_step(parts, StepState())
     assert flat and torch.isfinite(torch.tensor(metrics["loss/policy"]))
     assert sum(not torch.equal(a, p) for a, p in zip(before, parts.params, strict=True)) >= 0.9 * len(before)
+
+
+def test_autocast_step_on_gpu_keeps_fp32_weights_and_agrees_with_its_rollouts() -> None:
+    """`model.autocast=bfloat16` on CUDA: the CUDA-graph decode and the update both under autocast,
+    float32 weights and fused AdamW, behaviour log-probs consistent with the update (ratio ~1)."""
+    cfg = load_config(None, [
+        "model.path=tiny", "model.device=cuda", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
+        "run.progress=false", "rollout.max_new_tokens=16", "rollout.group_size=4", "train.prompts_per_step=2",
+        "train.lr=1e-3", "reward.terms=[{name: regex_format, args: {pattern: e}}]", "data.train.task=arith",
+    ])
+    seed_everything(0)
+    parts = build_parts(cfg)
+    assert next(parts.model.parameters()).dtype == torch.float32
+    metrics, flat = train_step(parts, StepState())
+    assert flat and torch.isfinite(torch.tensor(metrics["loss/policy"]))
+    assert abs(metrics["ratio_mean"] - 1.0) < 2e-2
