@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of docs/performance.md in one go (run from the repo root on a CUDA machine):
 # GPU tests, the GPU job on both sides, and guidedrl's completion-length sweep. Logs and JSON go to
-# ${OUT:-bench_out}. Wheels in .whl (trl, datasets, pydantic, ...) are installed first when present.
+# ${OUT:-bench_out}; AUTOCAST=1 adds the GPU job with model.autocast=bfloat16 (guidedrl alone).
+# Wheels in .whl (trl, datasets, pydantic, ...) are installed first when present.
 set -o pipefail
 OUT=${OUT:-bench_out}
 mkdir -p "$OUT"
@@ -25,3 +26,8 @@ for L in ${SWEEP:-128 512}; do
     --steps 3 --json "$OUT/sweep_$L.json" 2>&1 | tee "$OUT/sweep_$L.log"
   echo "sweep $L done at $(( $(date +%s) - t0 )) s"
 done
+if [ -n "${AUTOCAST:-}" ]; then  # mixed precision (float32 weights, trunk under bf16 autocast), guidedrl alone
+  timeout "${T_AUTOCAST:-90}" python3 bench/bench_trl.py --job gpu --sides guidedrl --set model.autocast=bfloat16 \
+    --warmup 1 --steps 3 --json "$OUT/gpu_autocast.json" 2>&1 | tee "$OUT/gpu_autocast.log"
+  echo "autocast done at $(( $(date +%s) - t0 )) s"
+fi
