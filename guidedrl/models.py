@@ -3,9 +3,9 @@ base model, or a tiny random config; LoRA via peft; dtype and device chosen auto
 
 from __future__ import annotations
 
-import functools
 import inspect
 import os
+import types
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,15 +56,15 @@ def autocast_trunk(model: nn.Module, dtype: torch.dtype) -> None:
     """
 
     trunk, _ = trunk_and_head(model)
-    device_type = next(trunk.parameters()).device.type
-    inner = trunk.forward
+    func = trunk.forward.__func__  # the class's forward, unbound
 
-    @functools.wraps(inner)
-    def forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.autocast(device_type, dtype=dtype):
-            return inner(*args, **kwargs)
+    def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(next(self.parameters()).device.type, dtype=dtype):
+            return func(self, *args, **kwargs)
 
-    trunk.forward = forward
+    # bound to the trunk (not a closure over it): a deepcopy of the model rebinds it to the copy,
+    # and a later .to(device) changes the autocast device with it
+    trunk.forward = types.MethodType(forward, trunk)
 
 
 def make_tiny_tokenizer(corpus: list[str] | None = None, vocab_size: int = 512) -> Any:

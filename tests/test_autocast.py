@@ -153,3 +153,21 @@ def test_a_training_step_runs_under_autocast_with_the_default_fast_paths(lora: b
     assert abs(metrics["ratio_mean"] - 1.0) < 2e-2, metrics["ratio_mean"]
     moved = [not torch.equal(a, p) for a, p in zip(before, parts.params, strict=True)]
     assert sum(moved) >= len(moved) / 2  # (LoRA's A matrices get no gradient while B is still 0)
+
+
+def test_a_deepcopy_of_an_autocast_model_runs_its_own_weights() -> None:
+    import copy
+
+    _, mixed, tok = _pair()
+    twin = copy.deepcopy(mixed)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    b = _batch(tok)
+    a, c = policy_outputs(mixed, b).logprobs, policy_outputs(twin, b).logprobs
+    assert ((a - c).abs() * b.mask).max().item() > 1e-3  # the copy's trunk runs the copy's weights
+    seen = []
+    h = twin.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: seen.append(o.dtype) and None)
+    policy_outputs(twin, b)
+    h.remove()
+    assert seen == [torch.bfloat16] * len(seen) and seen  # and still under autocast
