@@ -102,17 +102,18 @@ def test_shared_prompt_and_cascade_forwards_agree_under_autocast() -> None:
         assert rel.item() < 5e-2
 
 
-@pytest.mark.parametrize("compile_step", [False, True])
-def test_decode_paths_agree_under_autocast(compile_step: bool) -> None:
-    """The static decode (its stores in bf16, as the trunk's keys are; compiled as on CPU or not)
-    and the plain loop give the same greedy tokens, and behaviour log-probs match a fresh forward to
-    bf16 precision."""
+@pytest.mark.parametrize("compile_step,graph_forward", [(False, None), (True, None), (True, True)])
+def test_decode_paths_agree_under_autocast(compile_step: bool, graph_forward: bool | None) -> None:
+    """The static decode (its stores in bf16, as the trunk's values are; uncompiled, compiled as on
+    CPU, or only its forward compiled in "reduce-overhead" mode as on CUDA) and the plain loop give
+    the same greedy tokens, and behaviour log-probs match a fresh forward to bf16 precision."""
     _, mixed, tok = _pair()
     reqs = [GenRequest(render_prompt(tok, Sample(id=str(i), prompt=p), chat=True), n=3)
             for i, p in enumerate(["What is 2+3?", "Hi"])]
     cfg = dict(max_new_tokens=10, top_k=1)
     plain = [g for gs in HFEngine(mixed, tok, RolloutConfig(static_cache=False, **cfg)).generate(reqs, seed=0) for g in gs]
     eng = HFEngine(mixed, tok, RolloutConfig(static_cache=True, compile_decode=compile_step, **cfg))
+    eng._static().graph_forward = graph_forward
     fast = [g for gs in eng.generate(reqs, seed=0) for g in gs]
     assert eng._static().compile_step == compile_step, "a failed compile fell back to the eager step"
     assert [g.ids for g in plain] == [g.ids for g in fast]
