@@ -265,6 +265,9 @@ def trunk_and_head(model: nn.Module) -> tuple[nn.Module, nn.Module]:
 def compile_layers(model: nn.Module) -> int:
     """torch.compile every decoder layer in place, dynamic in its shapes (`train.compile_model`).
 
+    Compile time grows with depth (a graph per layer and use): seconds for the tiny models, many
+    minutes for a 30-layer one on 2 CPU cores, so it pays only on long runs of shallow models.
+
     Per layer rather than the whole model: the trunk's Python around the layers (cache objects, mask
     building) stays eager, and a new micro-batch length is one more dynamic-shape graph at most.
     Inductor fuses each layer's elementwise passes (RMSNorm, RoPE, SiLU x up, residual adds) in the
@@ -276,6 +279,13 @@ def compile_layers(model: nn.Module) -> int:
         raise ModelError(f"train.compile_model: {type(trunk).__name__} has no `layers` list of decoder layers to compile")
     for layer in layers:
         layer.compile(dynamic=True)
+    # The layers share one forward (one code object, for every model in the process), and dynamo
+    # specializes it per layer (each reads its own cache layer and prompt keys by index): several graphs
+    # a layer (prefill, decode, update; 5-8 for the tiny model). Past dynamo's limit of 8 per code object,
+    # the remaining layers would run eager with only a logged warning; room for 8 a layer is added.
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit += 8 * len(layers)
     return len(layers)
 
 
