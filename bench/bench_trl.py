@@ -63,38 +63,38 @@ class Job:
     rounds: int
     threads: int = 0
     """torch threads on CPU (0 = leave torch's default)."""
-    qkv_bias: bool = True
-    """Biases on the q, k, v projections (Qwen2 has them) when hidden >= 512."""
+    qkv_bias: bool = False
+    """Biases on the q, k, v projections (Qwen2 has them)."""
     options: tuple[str, ...] = ()
     """guidedrl config overrides that pick its fast paths for this job (documented options only)."""
 
+
+# guidedrl's CPU fast paths that are off by default there (their compiles take seconds)
+CPU_FAST_PATHS = ("rollout.static_cache=true", "rollout.compile_decode=true", "train.compile_logprobs=true",
+                  "train.compile_model=true")
 
 JOBS = {
     # the tiny default model (guidedrl's TinyModel shape) with a realistic GRPO batch
     # (both cores of the 2-core machine, torch's default there; --threads 1 for the one-core numbers)
     "cpu": Job(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=512, prompts=8, group=8,
                prompt_len=64, completion_len=128, micro_batch=64, device="cpu", dtype="float32",
-               warmup=2, steps=10, rounds=3, threads=2,
-               options=("rollout.static_cache=true", "rollout.compile_decode=true", "train.compile_logprobs=true",
-                        "train.compile_model=true")),
+               warmup=2, steps=10, rounds=3, threads=2, options=CPU_FAST_PATHS),
     # the length sweep's control: head dimension 64 and a 4x MLP, so that attention is a small share of
     # the FLOPs (6% at 128 completion tokens, 14% at 512; the GPU job's 2-4%), not the tiny model's 17-38%
     "cpu-wide": Job(hidden=256, layers=2, heads=4, kv_heads=2, intermediate=1024, vocab=512, prompts=4, group=8,
                     prompt_len=64, completion_len=128, micro_batch=32, device="cpu", dtype="float32",
-                    warmup=2, steps=6, rounds=1, threads=2,
-                    options=("rollout.static_cache=true", "rollout.compile_decode=true",
-                             "train.compile_logprobs=true", "train.compile_model=true")),
+                    warmup=2, steps=6, rounds=1, threads=2, options=CPU_FAST_PATHS),
     # a real small model's shape on CPU (SmolLM2-135M: hidden 576, 30 layers, 9 heads of 64, 3 KV heads,
     # vocab 49152, no qkv bias), random init, a short job: 4 prompts x 4 samples, 32 + 64 tokens. guidedrl's
     # CPU defaults (plain decode loop, nothing compiled): with the CPU job's compile options the first
     # step had not ended after 17 minutes on the 2-core machine (30 layers to compile)
     "cpu-135m": Job(hidden=576, layers=30, heads=9, kv_heads=3, intermediate=1536, vocab=49152, prompts=4, group=4,
                     prompt_len=32, completion_len=64, micro_batch=16, device="cpu", dtype="float32",
-                    warmup=2, steps=4, rounds=1, threads=2, qkv_bias=False),
+                    warmup=2, steps=4, rounds=1, threads=2),
     # the issue's anchor: Qwen2-0.5B shape, bf16, 8 prompts x 8 samples, 64 + 256 tokens
     "gpu": Job(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, vocab=151936, prompts=8, group=8,
                prompt_len=64, completion_len=256, micro_batch=32, device="cuda", dtype="bfloat16",
-               warmup=2, steps=5, rounds=1),
+               warmup=2, steps=5, rounds=1, qkv_bias=True),
 }
 
 
@@ -144,7 +144,7 @@ def build_inputs(job: Job, folder: Path) -> tuple[Path, Path]:
     config = LlamaConfig(
         vocab_size=job.vocab, hidden_size=job.hidden, num_hidden_layers=job.layers, num_attention_heads=job.heads,
         num_key_value_heads=job.kv_heads, intermediate_size=job.intermediate, max_position_embeddings=4096,
-        rope_theta=1_000_000.0, tie_word_embeddings=True, attention_bias=job.qkv_bias and job.hidden >= 512,  # Qwen2 has qkv bias
+        rope_theta=1_000_000.0, tie_word_embeddings=True, attention_bias=job.qkv_bias,
         pad_token_id=0, bos_token_id=1, eos_token_id=2, rms_norm_eps=1e-6,
     )
     torch.manual_seed(0)
@@ -260,7 +260,9 @@ def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     cuda = job.device == "cuda"
     # guidedrl's mixed precision asked for (--set model.autocast=bfloat16): TRL's too (its bf16 flag
     # runs the forward under torch.autocast through accelerate, on CPU as well)
-    autocast = cuda or "model.autocast=bfloat16" in job.options
+    from guidedrl.config import load_config
+
+    autocast = cuda or load_config(None, list(job.options)).model.autocast != "none"
     args = GRPOConfig(
         output_dir=str(mdir.parent / "trl_out"), per_device_train_batch_size=job.micro_batch,
         gradient_accumulation_steps=n // job.micro_batch, num_generations=job.group,

@@ -54,7 +54,6 @@ def autocast_trunk(model: nn.Module, dtype: torch.dtype) -> None:
     ratio keep full precision. Everything that runs the trunk (rollouts, prefill, the update, the
     reference) goes through this forward; parameters and state-dict keys are unchanged.
     """
-
     trunk, _ = trunk_and_head(model)
     func = trunk.forward.__func__  # the class's forward, unbound
 
