@@ -10,6 +10,7 @@ alternate, repeat after repeat, and the medians are compared, so a change of loa
     .venv/bin/python bench/ab_interleaved.py compile-layers                # update fwd+bwd, eager vs compiled layers
     .venv/bin/python bench/ab_interleaved.py attention-kernel              # CPU flash kernel, causal vs not
     .venv/bin/python bench/ab_interleaved.py drop-finished [--with-static] # the demo's rollouts, finished rows dropped or kept
+    .venv/bin/python bench/ab_interleaved.py cast-weights                  # cpu-135m's decode under autocast, weights cast once or every step
 
 The first call of each variant is timed apart (it holds the compile; with an empty
 TORCHINDUCTOR_CACHE_DIR, the cold compile). Options: --completion-len (128), --repeats, --threads (2). Shapes: 8 prompts x 8 samples, 64-token
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import importlib.util
 import os
@@ -228,10 +230,55 @@ def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], floa
     return variants
 
 
+def cast_weights_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """bench_trl.py's cpu-135m rollout (SmolLM2-135M's shape, random init: 4 prompts of 32 tokens x 4
+    samples, --completion-len tokens forced, plain loop): float32, autocast casting the weights every
+    step, and autocast from the copy cast once (`rollout.cast_weights_once`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from guidedrl.config import RolloutConfig
+    from guidedrl.models import autocast_trunk
+    from guidedrl.rollout.base import GenRequest
+    from guidedrl.rollout.hf import HFEngine
+    from guidedrl.rollout.weights import CastWeights
+    from bench_trl import JOBS, build_tokenizer
+
+    j = JOBS["cpu-135m"]
+    torch.manual_seed(0)
+    tok = build_tokenizer(j.vocab)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=j.vocab, hidden_size=j.hidden, num_hidden_layers=j.layers, num_attention_heads=j.heads,
+        num_key_value_heads=j.kv_heads, intermediate_size=j.intermediate, tie_word_embeddings=True,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)).eval()
+    g = torch.Generator().manual_seed(1)
+    reqs = [GenRequest(torch.randint(3, j.vocab, (j.prompt_len,), generator=g).tolist(), n=j.group) for _ in range(j.prompts)]
+    rcfg = RolloutConfig(max_new_tokens=a.completion_len, min_new_tokens=a.completion_len, static_cache=False)
+    fp32 = HFEngine(model, tok, rcfg)
+    mixed = copy.deepcopy(model)
+    autocast_trunk(mixed, torch.bfloat16)
+    seen: dict[str, list[list[int]]] = {}
+
+    def runner(name: str, engine: HFEngine) -> Callable[[], float]:
+        def run() -> float:
+            t = time.perf_counter()
+            out = engine.generate(reqs, seed=0)
+            dt = time.perf_counter() - t
+            seen[name] = [g.ids for gs in out for g in gs]
+            if name.startswith("autocast") and any(v != seen[name] for k, v in seen.items() if k.startswith("autocast")):
+                raise SystemExit(f"{name} gave other tokens than the other autocast decode")
+            return dt
+        return run
+
+    return {"float32": runner("float32", fp32),
+            "autocast, cast every step": runner("autocast every step", HFEngine(mixed, tok, rcfg)),
+            "autocast, cast once": runner("autocast once", HFEngine(mixed, tok, rcfg,
+                                                                    cast_weights=CastWeights(mixed, torch.bfloat16)))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["decode-rev", "decode-unroll", "decode-mkl1", "decode-skip-guards",
-                                     "compile-layers", "attention-kernel", "drop-finished"])
+                                     "compile-layers", "attention-kernel", "drop-finished", "cast-weights"])
     ap.add_argument("--rev", default="HEAD~1", help="decode-rev: the git revision to compare with")
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
@@ -245,6 +292,8 @@ def main() -> None:
         variants = compile_layer_variants(a)
     elif a.what == "drop-finished":
         variants = drop_finished_variants(a)
+    elif a.what == "cast-weights":
+        variants = cast_weights_variants(a)
     else:
         variants = attention_variants(a)
     res = interleave(variants, a.repeats)

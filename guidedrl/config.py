@@ -146,6 +146,9 @@ class RolloutConfig(Strict):
     """Preallocated KV cache, one compiled decode step (guidedrl.rollout.static). None = on CUDA."""
     compile_decode: bool | None = None
     """torch.compile the static decode step (CUDA graph on GPU; seconds once a shape). None = on CUDA."""
+    cast_weights_once: bool = True
+    """Under model.autocast: decode from a copy of the trunk's linear weights in the autocast dtype,
+    re-cast after each update, not every token (same numbers; +half the linear weights' memory)."""
 
 
 # ----------------------------------------------------------------------------- reward

@@ -16,7 +16,8 @@ if TYPE_CHECKING:
 def run_eval(parts: "Parts", out: Path | None) -> dict[str, float]:
     """pass@k per level on the eval set; writes the EvalResult JSON to `out` when given."""
     e = parts.cfg.eval
-    engine = HFEngine(parts.model, parts.tokenizer, parts.cfg.rollout.model_copy(update={"temperature": e.temperature}))
+    engine = HFEngine(parts.model, parts.tokenizer, parts.cfg.rollout.model_copy(update={"temperature": e.temperature}),
+                      cast_weights=parts.engine.cast_weights)
     ks = sorted({1, e.samples})
     result = evaluate(engine, parts.eval_samples, parts.reward_timer.fn, n=e.samples, ks=ks,
                       render=lambda s: parts.render(s, None), seed=parts.cfg.train.seed + 7)

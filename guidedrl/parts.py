@@ -19,6 +19,7 @@ from guidedrl.models import compile_layers, load_model, load_policy, render_prom
 from guidedrl.rewards import build_reward
 from guidedrl.rollout.collect import Guide, RolloutContext
 from guidedrl.rollout.hf import HFEngine
+from guidedrl.rollout.weights import CastWeights
 from guidedrl.select import UniformSelector
 from guidedrl.types import Sample
 from guidedrl.update import Objective
@@ -122,8 +123,13 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
     model, tok = load_policy(cfg.model)
     if cfg.train.keep_freed_memory and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
+    cast = None
+    if cfg.model.autocast != "none" and cfg.rollout.cast_weights_once:
+        cast = CastWeights(model, getattr(torch, cfg.model.autocast))  # before compiling: the copy compiles apart
     if cfg.train.compile_model:
         compile_layers(model)
+        if cast is not None:
+            compile_layers(cast.module)
     chat = use_chat(cfg.model, tok)
     ref = load_model(cfg.model, tok, trainable=False) if cfg.algo.kl.coef else None
     value_head = None
@@ -139,7 +145,7 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
         evals = balanced_head(evals, cfg.eval.limit)
     task = cfg.data.train.task if cfg.data.train.path is None else None
     reward = RewardTimer(build_reward(cfg.reward.terms, default_reward(task), cfg.reward.on_error))
-    engine = HFEngine(model, tok, cfg.rollout)
+    engine = HFEngine(model, tok, cfg.rollout, cast_weights=cast)
     params = [p for p in model.parameters() if p.requires_grad]
     opt, sched = build_optimizer(cfg, params)
     parts = Parts(

@@ -25,6 +25,7 @@ from guidedrl.config import RolloutConfig
 from guidedrl.models import cache_kwarg, unwrap
 from guidedrl.rollout.base import Generation, GenRequest
 from guidedrl.rollout.static import StaticDecoder, inverse_cdf_sample
+from guidedrl.rollout.weights import CastWeights
 
 
 def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
@@ -44,10 +45,16 @@ def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 class HFEngine:
     """Samples continuations with a transformers causal LM (CPU or one GPU)."""
 
-    def __init__(self, model: nn.Module, tokenizer: Any, cfg: RolloutConfig, *, share_prefill: bool = True) -> None:
+    def __init__(
+        self, model: nn.Module, tokenizer: Any, cfg: RolloutConfig, *, share_prefill: bool = True,
+        cast_weights: CastWeights | None = None,
+    ) -> None:
         """share_prefill: prefill a context once for all its adjacent copies and expand its KV cache
-        (off only to check that it changes nothing)."""
+        (off only to check that it changes nothing). cast_weights: decode from this copy of `model`
+        (`rollout.cast_weights_once`) instead of `model` itself."""
         self.model = model
+        self.cast_weights = cast_weights
+        self._net = model  # the module that decodes: the policy, or its cast copy (set by `generate`)
         self.share_prefill = share_prefill
         self._static_decoder: StaticDecoder | None = None
         self.tokenizer = tokenizer
@@ -61,6 +68,7 @@ class HFEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
 
     @torch.no_grad()
     def generate(
@@ -79,6 +87,7 @@ class HFEngine:
         bs = self.cfg.batch_size
         was_training = self.model.training
         self.model.eval()
+        self._net = self.model if self.cast_weights is None else self.cast_weights.refresh()
         try:
             for start in range(0, len(rows), bs):
                 chunk = rows[start : start + bs]
@@ -107,7 +116,7 @@ class HFEngine:
         if self._static_decoder is None:
             want = self.cfg.compile_decode
             self._static_decoder = StaticDecoder(
-                self.model, unwrap(self.model).config,
+                self._net, unwrap(self._net).config,
                 compile_step=self.device.type == "cuda" if want is None else want,
             )
         return self._static_decoder
@@ -131,7 +140,7 @@ class HFEngine:
             attn[u, P - len(c) :] = 1
         ids, attn = ids.to(dev), attn.to(dev)
         pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (U, P) left-padding-safe positions
-        res = self.model(
+        res = self._net(
             input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1,
             **{self._cache_kw: None},
         )
@@ -178,7 +187,7 @@ class HFEngine:
         raw = first  # (A, V) logits of the prefill's last position
         for t in range(max_new):
             if t > 0:
-                res = self.model(
+                res = self._net(
                     input_ids=out_ids[live, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
                     use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
                 )
