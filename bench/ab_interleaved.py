@@ -10,7 +10,8 @@ alternate, repeat after repeat, and the medians are compared, so a change of loa
     .venv/bin/python bench/ab_interleaved.py compile-layers                # update fwd+bwd, eager vs compiled layers
     .venv/bin/python bench/ab_interleaved.py attention-kernel              # CPU flash kernel, causal vs not
     .venv/bin/python bench/ab_interleaved.py drop-finished [--with-static] # the demo's rollouts, finished rows dropped or kept
-    .venv/bin/python bench/ab_interleaved.py cast-weights                  # cpu-135m's decode under autocast, weights cast once or every step
+    .venv/bin/python bench/ab_interleaved.py decode-135m --completion-len 64  # cpu-135m's plain decode: sdpa or matmul decode
+                                                                           # attention; autocast with weights cast every step or once
 
 The first call of each variant is timed apart (it holds the compile; with an empty
 TORCHINDUCTOR_CACHE_DIR, the cold compile). Options: --completion-len (128), --repeats, --threads (2). Shapes: 8 prompts x 8 samples, 64-token
@@ -230,10 +231,11 @@ def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], floa
     return variants
 
 
-def cast_weights_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+def decode_135m_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """bench_trl.py's cpu-135m rollout (SmolLM2-135M's shape, random init: 4 prompts of 32 tokens x 4
-    samples, --completion-len tokens forced, plain loop): float32, autocast casting the weights every
-    step, and autocast from the copy cast once (`rollout.cast_weights_once`)."""
+    samples, --completion-len tokens forced, the plain loop): float32 or autocast, the decode steps'
+    attention torch's sdpa or `plain_decode_attention`, and under autocast the weights cast every
+    step or once (`rollout.cast_weights_once`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from guidedrl.config import RolloutConfig
@@ -241,6 +243,7 @@ def cast_weights_variants(a: argparse.Namespace) -> dict[str, Callable[[], float
     from guidedrl.rollout.base import GenRequest
     from guidedrl.rollout.hf import HFEngine
     from guidedrl.rollout.weights import CastWeights
+
     from bench_trl import JOBS, build_tokenizer
 
     j = JOBS["cpu-135m"]
@@ -253,9 +256,9 @@ def cast_weights_variants(a: argparse.Namespace) -> dict[str, Callable[[], float
     g = torch.Generator().manual_seed(1)
     reqs = [GenRequest(torch.randint(3, j.vocab, (j.prompt_len,), generator=g).tolist(), n=j.group) for _ in range(j.prompts)]
     rcfg = RolloutConfig(max_new_tokens=a.completion_len, min_new_tokens=a.completion_len, static_cache=False)
-    fp32 = HFEngine(model, tok, rcfg)
     mixed = copy.deepcopy(model)
     autocast_trunk(mixed, torch.bfloat16)
+    cast = CastWeights(mixed, torch.bfloat16)
     seen: dict[str, list[list[int]]] = {}
 
     def runner(name: str, engine: HFEngine) -> Callable[[], float]:
@@ -264,21 +267,32 @@ def cast_weights_variants(a: argparse.Namespace) -> dict[str, Callable[[], float
             out = engine.generate(reqs, seed=0)
             dt = time.perf_counter() - t
             seen[name] = [g.ids for gs in out for g in gs]
-            if name.startswith("autocast") and any(v != seen[name] for k, v in seen.items() if k.startswith("autocast")):
-                raise SystemExit(f"{name} gave other tokens than the other autocast decode")
+            for x, y in (("ac sdpa every", "ac sdpa once"), ("float32 sdpa", "float32 matmul"),
+                         ("ac sdpa once", "ac matmul once")):
+                if name in (x, y) and x in seen and y in seen and seen[x] != seen[y]:
+                    rows = sum(r != q for r, q in zip(seen[x], seen[y], strict=True))
+                    if x == "ac sdpa every":  # the same operands: must be the same tokens
+                        raise SystemExit(f"{x} and {y} gave other tokens")
+                    print(f"  ({x} and {y}: {rows} of {len(seen[x])} rows differ, near-ties at their precision)")
             return dt
         return run
 
-    return {"float32": runner("float32", fp32),
-            "autocast, cast every step": runner("autocast every step", HFEngine(mixed, tok, rcfg)),
-            "autocast, cast once": runner("autocast once", HFEngine(mixed, tok, rcfg,
-                                                                    cast_weights=CastWeights(mixed, torch.bfloat16)))}
+    variants = {
+        "float32, sdpa": runner("float32 sdpa", HFEngine(model, tok, rcfg, decode_attention=False)),
+        "float32, matmul": runner("float32 matmul", HFEngine(model, tok, rcfg, decode_attention=True)),
+        "autocast, sdpa, cast every step": runner("ac sdpa every", HFEngine(mixed, tok, rcfg, decode_attention=False)),
+        "autocast, sdpa, cast once": runner("ac sdpa once", HFEngine(mixed, tok, rcfg, decode_attention=False,
+                                                                    cast_weights=cast)),
+        "autocast, matmul, cast once": runner("ac matmul once", HFEngine(mixed, tok, rcfg, decode_attention=True,
+                                                                        cast_weights=cast)),
+    }
+    return variants
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["decode-rev", "decode-unroll", "decode-mkl1", "decode-skip-guards",
-                                     "compile-layers", "attention-kernel", "drop-finished", "cast-weights"])
+                                     "compile-layers", "attention-kernel", "drop-finished", "decode-135m"])
     ap.add_argument("--rev", default="HEAD~1", help="decode-rev: the git revision to compare with")
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
@@ -286,14 +300,14 @@ def main() -> None:
     ap.add_argument("--with-static", action="store_true", help="drop-finished: also the compiled static decode")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if a.what.startswith("decode"):
+    if a.what == "decode-135m":
+        variants = decode_135m_variants(a)
+    elif a.what.startswith("decode"):
         variants = decode_variants(a)
     elif a.what == "compile-layers":
         variants = compile_layer_variants(a)
     elif a.what == "drop-finished":
         variants = drop_finished_variants(a)
-    elif a.what == "cast-weights":
-        variants = cast_weights_variants(a)
     else:
         variants = attention_variants(a)
     res = interleave(variants, a.repeats)

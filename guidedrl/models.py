@@ -118,6 +118,8 @@ def make_tiny_model(cfg: ModelConfig, tokenizer: Any) -> nn.Module:
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
+    if cfg.attn_implementation:
+        config._attn_implementation = cfg.attn_implementation  # as from_pretrained(attn_implementation=...) sets it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(t.seed)
         return LlamaForCausalLM(config)

@@ -492,7 +492,7 @@ def test_rows_are_not_inert_when_another_term_or_the_loss_reads_them(tiny) -> No
     assert int(Objective.from_config(AlgoConfig(), 1.0, 8, skip_inert=False).inert_rows(b).sum()) == 0
 
 
-def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog, monkeypatch) -> None:
+def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog) -> None:
     """The layers share one forward, specialized per layer and use (prefill, decode, update): a deep
     model needs far more graphs of it than dynamo's default limit of 8 per code object, after which
     layers fall back to eager with only a logged warning. Here the limit starts at 1 so that the tiny
@@ -506,12 +506,15 @@ def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog, mo
 
     model, tok = tiny
     torch._dynamo.reset()  # no graphs of earlier tests' layers counted against the limit
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
-    compile_layers(model)
-    reqs = _group_reqs(tok)
-    with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
-        out = HFEngine(model, tok, RolloutConfig(max_new_tokens=3)).generate(reqs, seed=0)  # prefill + decode
-        comps = [to_completion(Sample(id="s", prompt=""), i // 4, Plan(context=reqs[i // 4].context, n=1), x, tok)
-                 for i, x in enumerate(_flat(out))]
-        policy_outputs(model, collate(comps, tok.pad_token_id)).logprobs.sum().backward()  # the update
+    # config.patch, not monkeypatch: monkeypatch's undo deletes the setting from torch's config module
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=1):
+        compile_layers(model)
+        reqs = _group_reqs(tok)
+        with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
+            out = HFEngine(model, tok, RolloutConfig(max_new_tokens=3)).generate(reqs, seed=0)  # prefill + decode
+            comps = [to_completion(Sample(id="s", prompt=""), i // 4, Plan(context=reqs[i // 4].context, n=1), x, tok)
+                     for i, x in enumerate(_flat(out))]
+            policy_outputs(model, collate(comps, tok.pad_token_id)).logprobs.sum().backward()  # the update
+    assert torch._dynamo.config.recompile_limit == limit  # restored for later tests
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
