@@ -10,6 +10,7 @@ alternate, repeat after repeat, and the medians are compared, so a change of loa
     .venv/bin/python bench/ab_interleaved.py compile-layers                # update fwd+bwd, eager vs compiled layers
     .venv/bin/python bench/ab_interleaved.py attention-kernel              # CPU flash kernel, causal vs not
     .venv/bin/python bench/ab_interleaved.py drop-finished [--with-static] # the demo's rollouts, finished rows dropped or kept
+    .venv/bin/python bench/ab_interleaved.py decode-attention --completion-len 256 # the demo's rollouts: sdpa or matmul decode attention
     .venv/bin/python bench/ab_interleaved.py decode-135m --completion-len 64  # cpu-135m's plain decode: sdpa or matmul decode
                                                                            # attention; autocast with weights cast every step or once
 
@@ -189,22 +190,56 @@ def attention_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
     return out
 
 
-def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+def _demo_rollout() -> tuple[Any, Any, list[Any]]:
     """The demo's rollout on its own base model (built into the cache first if missing): 32 prompts of
-    the arith training split (levels 2-7) x 8 samples, up to 80 tokens at temperature 1, plain loop."""
+    the arith training split (levels 2-7) x 8 samples. -> (model, tokenizer, requests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from guidedrl.base import ensure_base
-    from guidedrl.config import RolloutConfig
     from guidedrl.data.tasks import arith
     from guidedrl.rollout.base import GenRequest
-    from guidedrl.rollout.hf import HFEngine
 
     path = ensure_base("arith", progress=False)
     tok = AutoTokenizer.from_pretrained(str(path))
     model = AutoModelForCausalLM.from_pretrained(str(path)).eval()
     samples = arith.make_samples("train", size=32, levels=[2, 3, 4, 5, 6, 7], seed=0)
-    reqs = [GenRequest(tok(s.prompt, add_special_tokens=False)["input_ids"], n=8) for s in samples]
+    return model, tok, [GenRequest(tok(s.prompt, add_special_tokens=False)["input_ids"], n=8) for s in samples]
+
+
+def decode_attention_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """The demo's rollouts (`_demo_rollout`) through the plain loop, its decode steps' attention torch's
+    sdpa or `plain_decode_attention`: up to 80 tokens at temperature 1, and --completion-len forced."""
+    from guidedrl.config import RolloutConfig
+    from guidedrl.rollout.hf import HFEngine
+
+    model, tok, reqs = _demo_rollout()
+    seen: dict[tuple[int, bool], list[list[int]]] = {}
+
+    def runner(n: int, forced: bool, on: bool) -> Callable[[], float]:
+        engine = HFEngine(model, tok, RolloutConfig(max_new_tokens=n, min_new_tokens=n if forced else 0,
+                                                    static_cache=False), decode_attention=on)
+
+        def run() -> float:
+            t = time.perf_counter()
+            out = engine.generate(reqs, seed=0)
+            dt = time.perf_counter() - t
+            seen[(n, on)] = [g.ids for gs in out for g in gs]
+            if seen.get((n, not on), seen[(n, on)]) != seen[(n, on)]:
+                raise SystemExit(f"{n} tokens: the two attentions gave other tokens")
+            return dt
+        return run
+
+    return {f"{label}, {att}": runner(n, forced, on) for n, forced, label in
+            ((80, False, "up to 80 tokens"), (a.completion_len, True, f"{a.completion_len} forced"))
+            for on, att in ((False, "sdpa"), (True, "matmul"))}
+
+
+def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
+    """The demo's rollouts (`_demo_rollout`): up to 80 tokens at temperature 1, plain loop."""
+    from guidedrl.config import RolloutConfig
+    from guidedrl.rollout.hf import HFEngine
+
+    model, tok, reqs = _demo_rollout()
     seen: dict[str, list[list[int]]] = {}
 
     def runner(name: str, drop: bool, static: bool = False) -> Callable[[], float]:
@@ -292,7 +327,7 @@ def decode_135m_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("what", choices=["decode-rev", "decode-unroll", "decode-mkl1", "decode-skip-guards",
-                                     "compile-layers", "attention-kernel", "drop-finished", "decode-135m"])
+                                     "compile-layers", "attention-kernel", "drop-finished", "decode-135m", "decode-attention"])
     ap.add_argument("--rev", default="HEAD~1", help="decode-rev: the git revision to compare with")
     ap.add_argument("--completion-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=8)
@@ -302,6 +337,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     if a.what == "decode-135m":
         variants = decode_135m_variants(a)
+    elif a.what == "decode-attention":
+        variants = decode_attention_variants(a)
     elif a.what.startswith("decode"):
         variants = decode_variants(a)
     elif a.what == "compile-layers":
@@ -311,7 +348,8 @@ def main() -> None:
     else:
         variants = attention_variants(a)
     res = interleave(variants, a.repeats)
-    what = "the demo's rollouts (up to 80 tokens)" if a.what == "drop-finished" else f"{a.completion_len} tokens"
+    what = {"drop-finished": "the demo's rollouts (up to 80 tokens)",
+            "decode-attention": "the demo's rollouts"}.get(a.what, f"{a.completion_len} tokens")
     print(f"{a.what}, {what}, {a.threads} threads, medians of {a.repeats} interleaved repeats "
           f"({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load {os.getloadavg()[0]:.2f}):")
     for k, (ms, first) in res.items():
