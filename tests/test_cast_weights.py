@@ -52,11 +52,12 @@ def test_the_copy_casts_the_trunks_linears_and_shares_every_other_tensor() -> No
     assert cw.extra_bytes() == 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128) * 2
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_decoding_from_the_copy_gives_the_tokens_and_logprobs_of_casting_every_step(static: bool) -> None:
+@pytest.mark.parametrize("static,compiled", [(False, False), (True, False), (True, True)])
+def test_decoding_from_the_copy_gives_the_tokens_and_logprobs_of_casting_every_step(static: bool, compiled: bool) -> None:
     model, tok = _mixed()
-    cfg = RolloutConfig(max_new_tokens=16, temperature=1.0, static_cache=static, compile_decode=False)
-    every = HFEngine(model, tok, cfg).generate(_reqs(tok), seed=3)
+    cfg = RolloutConfig(max_new_tokens=16, temperature=1.0, static_cache=static, compile_decode=compiled)
+    # the reference casts every step, eagerly (one compile in the test, not two)
+    every = HFEngine(model, tok, cfg.model_copy(update={"compile_decode": False})).generate(_reqs(tok), seed=3)
     cw = CastWeights(model, torch.bfloat16)
     once = HFEngine(model, tok, cfg, cast_weights=cw).generate(_reqs(tok), seed=3)
     seen = []
@@ -68,8 +69,10 @@ def test_decoding_from_the_copy_gives_the_tokens_and_logprobs_of_casting_every_s
     b = [g for gs in once for g in gs]
     assert [g.ids for g in a] == [g.ids for g in b]
     assert len({tuple(g.ids) for g in a}) == len(a)  # sampled at temperature 1: every row its own tokens
-    # the same bf16 operands reach the same kernels: equal, not merely close
-    assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    if compiled:  # against the eager step (one compile, not two): inductor's fusions round bf16 its own way
+        assert max(abs(x - y) for p, q in zip(a, b, strict=True) for x, y in zip(p.logprobs, q.logprobs)) < 2e-2
+    else:  # the same bf16 operands reach the same kernels: equal, not merely close
+        assert [g.logprobs for g in a] == [g.logprobs for g in b]
 
 
 @pytest.mark.parametrize("fused", [False, True])
