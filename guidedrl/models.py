@@ -249,7 +249,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def cache_kwarg(module: nn.Module) -> str:
     """The name of `module.forward`'s KV-cache argument (and output field): transformers renamed
     `past_key_values` to `cache` in 5.2x; both releases are supported."""
-    params = inspect.signature(unwrap(module).forward).parameters
+    params = inspect.signature(type(unwrap(module)).forward).parameters  # the class's: `autocast_trunk` wraps the instance's
     return "cache" if "cache" in params else "past_key_values"
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -82,8 +83,40 @@ def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
+def share_moved_by_step(params: list[nn.Parameter], lr: float, sample: int = 65536) -> float:
+    """The share of the weights an AdamW step of size ~lr changes at their dtype's precision.
+
+    Adam's step moves each weight by about lr whatever its gradient's scale; stored in bf16 (8 bits
+    of mantissa), a weight w keeps its value when the step is under half its spacing,
+    2^floor(log2 |w|) * eps / 2 (eps = 2^-7). Float32 weights (eps 1.2e-7) move for any lr in use.
+    Adam's later steps can be smaller than lr, so this is the most that moves. Estimated on the first
+    `sample` entries of each parameter. -> share in [0, 1] (1.0 with no parameters)."""
+    moved, total = 0, 0
+    for p in params:
+        w = p.detach().flatten()[:sample].float()
+        _, exp = torch.frexp(w)  # w = m * 2^exp with |m| in [0.5, 1): 2^floor(log2 |w|) = 2^(exp - 1)
+        half_spacing = torch.ldexp(torch.full_like(w, torch.finfo(p.dtype).eps / 2), exp - 1).masked_fill(w == 0, 0.0)
+        moved += int((half_spacing < lr).sum())
+        total += w.numel()
+    return moved / total if total else 1.0
+
+
+def warn_if_steps_round_away(params: list[nn.Parameter], lr: float) -> None:
+    """Warn when the trainable weights' dtype rounds most lr-sized steps away (bf16 weights at a
+    typical RL lr of 1e-6 to 1e-5: the run would look like it trains while most weights stay put)."""
+    share = share_moved_by_step(params, lr)
+    if share < 0.9:
+        warnings.warn(
+            f"train.lr={lr:g}: with {params[0].dtype} weights an optimizer step changes at most about "
+            f"{share:.0%} of the trainable weights (the rest round to their old value); set "
+            "model.autocast=bfloat16 for float32 master weights with bf16 compute, or model.dtype=float32",
+            UserWarning, stacklevel=2,
+        )
+
+
 def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
     t = cfg.train
+    warn_if_steps_round_away(params, t.lr)
     fused = all(p.is_cuda for p in params)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, fused=fused or None)
     total = t.steps * cfg.algo.epochs * cfg.algo.minibatches

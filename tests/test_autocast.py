@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from guidedrl.batch import collate
 from guidedrl.config import ModelConfig, RolloutConfig, TinyModel, load_config
@@ -81,6 +82,41 @@ def test_a_small_step_moves_fp32_master_weights_where_bf16_weights_round_it_away
         moved[dtype] = (w.detach() != before).float().mean().item()
     assert moved["float32"] > 0.99
     assert moved["bfloat16"] < 0.5
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-4, 1e-5, 1e-6])
+def test_the_estimated_share_of_weights_a_step_moves_matches_a_real_adamw_step(lr: float) -> None:
+    from guidedrl.parts import share_moved_by_step
+
+    model, _ = load_policy(ModelConfig(path="tiny", tiny=TINY, dtype="bfloat16"))
+    params = [p for p in model.parameters() if p.requires_grad]
+    est = share_moved_by_step(params, lr)
+    before = [p.detach().clone() for p in params]
+    g = torch.Generator().manual_seed(0)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=g).to(p.dtype)
+    torch.optim.AdamW(params, lr=lr, weight_decay=0.0).step()  # a first step moves each weight by lr
+    real = sum(int((p.detach() != b).sum()) for p, b in zip(params, before, strict=True)) / sum(p.numel() for p in params)
+    assert abs(est - real) < 0.02, (est, real)
+    assert share_moved_by_step([nn.Parameter(p.detach().float()) for p in params], lr) == 1.0  # float32 masters
+
+
+@pytest.mark.parametrize("dtype,autocast,warns", [("bfloat16", "none", True), ("auto", "bfloat16", False),
+                                                  ("float32", "none", False)])
+def test_bf16_weights_at_an_lr_their_precision_rounds_away_get_a_warning(dtype: str, autocast: str, warns: bool) -> None:
+    import warnings
+
+    from guidedrl.parts import build_parts
+
+    cfg = load_config(None, ["model.path=tiny", f"model.dtype={dtype}", f"model.autocast={autocast}", "data.eval=null",
+                             "eval.enabled=false", "run.progress=false", "train.lr=1e-5"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        build_parts(cfg)
+    msgs = [str(w.message) for w in caught if "train.lr" in str(w.message)]
+    assert bool(msgs) == warns, msgs
+    if warns:  # the tiny model's init: about a sixth of its bf16 weights move at lr 1e-5
+        assert "model.autocast=bfloat16" in msgs[0] and "at most about 1" in msgs[0], msgs[0]
 
 
 def test_shared_prompt_and_cascade_forwards_agree_under_autocast() -> None:
