@@ -454,6 +454,7 @@ def evaluate_model(
     from guidedrl.models import load_model, load_tokenizer, use_chat
     from guidedrl.rewards import build_reward
     from guidedrl.rollout.hf import HFEngine
+    from guidedrl.rollout.weights import decode_copy
 
     n = n if n is not None else max(ks)
     ks = check_ks(ks, n)
@@ -472,7 +473,8 @@ def evaluate_model(
         task_terms = default_reward(src.task if src.path is None else None)
         reward_fn = build_reward(cfg.reward.terms, task_terms, cfg.reward.on_error)
     render, prefix = guided_inputs(tok, guided, chat=use_chat(cfg.model, tok), system_prompt=cfg.model.system_prompt)
-    engine = HFEngine(net, tok, cfg.rollout.model_copy(update={"temperature": cfg.eval.temperature}))
+    engine = HFEngine(net, tok, cfg.rollout.model_copy(update={"temperature": cfg.eval.temperature}),
+                      cast_weights=decode_copy(net, mcfg, cfg.rollout))
     result = evaluate(engine, samples, reward_fn, n=n, ks=ks, render=render, prefix=prefix,
                       decode=lambda ids: tok.decode(ids, skip_special_tokens=True), temperature=cfg.eval.temperature,
                       seed=seed, max_new_tokens=cfg.rollout.max_new_tokens,

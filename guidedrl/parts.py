@@ -20,7 +20,7 @@ from guidedrl.models import compile_layers, load_model, load_policy, render_prom
 from guidedrl.rewards import build_reward
 from guidedrl.rollout.collect import Guide, RolloutContext
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.rollout.weights import CastWeights
+from guidedrl.rollout.weights import decode_copy
 from guidedrl.select import UniformSelector
 from guidedrl.types import Sample
 from guidedrl.update import Objective
@@ -156,9 +156,7 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
     model, tok = load_policy(cfg.model)
     if cfg.train.keep_freed_memory and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
-    cast = None
-    if cfg.model.autocast != "none" and cfg.rollout.cast_weights_once:
-        cast = CastWeights(model, getattr(torch, cfg.model.autocast))  # before compiling: the copy compiles apart
+    cast = decode_copy(model, cfg.model, cfg.rollout)  # before compiling: the copy compiles apart
     if cfg.train.compile_model:
         compile_layers(model)
         if cast is not None:

@@ -388,3 +388,25 @@ def test_guidedrl_eval_cli(run_folder, tmp_path, capsys):
     assert "k=[4] out of range" in capsys.readouterr().err
     assert main(["eval", "--model", str(run), "--k", "1", "--guidance", "prefix:2", "--out", str(out)]) == 2
     assert main(["eval", "--model", str(tmp_path / "missing" / "dir"), "--k", "1", "--out", str(out)]) == 2
+
+
+def test_evaluate_model_under_autocast_decodes_from_the_cast_copy(run_folder, monkeypatch):
+    """`guidedrl eval` of a run trained with `model.autocast`: the same results with the decode copy
+    (`rollout.cast_weights_once`, cast once) as with the weights cast at every token."""
+    from guidedrl.config import load_config
+    from guidedrl.rollout.weights import CastWeights
+
+    run, _ = run_folder
+    refreshed = []
+    real = CastWeights.refresh
+    monkeypatch.setattr(CastWeights, "refresh", lambda self: refreshed.append(1) or real(self))
+    results = {}
+    for once in (True, False):
+        cfg = load_config(str(run / "config.yaml"), ["model.autocast=bfloat16", f"rollout.cast_weights_once={once}"])
+        # a reward that tells texts apart, so equal scores mean equal samples
+        results[once] = evaluate_model(cfg, str(run), ks=[1, 2], guided="none", seed=3,
+                                       reward_fn=lambda samples, texts: [sum(map(ord, t)) % 1000 / 1000 for t in texts])
+        assert bool(refreshed) == once  # the copy decoded (once per generate call), or no copy was made
+        refreshed.clear()
+    assert results[True].overall.metrics == results[False].overall.metrics
+    assert results[True].overall.metrics["score"] > 0

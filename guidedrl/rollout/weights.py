@@ -28,6 +28,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from guidedrl.config import ModelConfig, RolloutConfig
 from guidedrl.models import trunk_and_head
 
 
@@ -61,3 +62,11 @@ class CastWeights:
     def extra_bytes(self) -> int:
         """Memory the copy adds (its cast linear weights)."""
         return sum(dst.numel() * dst.element_size() for _, dst in self._pairs)
+
+
+def decode_copy(model: nn.Module, model_cfg: ModelConfig, rollout_cfg: RolloutConfig) -> CastWeights | None:
+    """The decode copy of `model` that `model.autocast` and `rollout.cast_weights_once` ask for, if any
+    (build it before compiling the model's layers: deepcopy drops their compiled wrappers)."""
+    if model_cfg.autocast == "none" or not rollout_cfg.cast_weights_once:
+        return None
+    return CastWeights(model, getattr(torch, model_cfg.autocast))
