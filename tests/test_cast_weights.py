@@ -54,25 +54,38 @@ def test_the_copy_casts_the_trunks_linears_and_shares_every_other_tensor() -> No
 
 @pytest.mark.parametrize("static,compiled", [(False, False), (True, False), (True, True)])
 def test_decoding_from_the_copy_gives_the_tokens_and_logprobs_of_casting_every_step(static: bool, compiled: bool) -> None:
+    """Twice: the second time after the policy's weights changed in place, as an update changes them,
+    with the same engine (its static buffers and compiled step, holding the copy's weights, reused)."""
     model, tok = _mixed()
     cfg = RolloutConfig(max_new_tokens=16, temperature=1.0, static_cache=static, compile_decode=compiled)
     # the reference casts every step, eagerly (one compile in the test, not two)
-    every = HFEngine(model, tok, cfg.model_copy(update={"compile_decode": False})).generate(_reqs(tok), seed=3)
+    every = HFEngine(model, tok, cfg.model_copy(update={"compile_decode": False}))
     cw = CastWeights(model, torch.bfloat16)
-    once = HFEngine(model, tok, cfg, cast_weights=cw).generate(_reqs(tok), seed=3)
-    seen = []
-    hook = _linears(cw.module)[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype) and None)
-    HFEngine(model, tok, cfg, cast_weights=cw).generate(_reqs(tok), seed=3)
-    hook.remove()
-    assert seen and set(seen) == {torch.bfloat16}  # the copy ran, under autocast
-    a = [g for gs in every for g in gs]
-    b = [g for gs in once for g in gs]
-    assert [g.ids for g in a] == [g.ids for g in b]
-    assert len({tuple(g.ids) for g in a}) == len(a)  # sampled at temperature 1: every row its own tokens
-    if compiled:  # against the eager step (one compile, not two): inductor's fusions round bf16 its own way
-        assert max(abs(x - y) for p, q in zip(a, b, strict=True) for x, y in zip(p.logprobs, q.logprobs)) < 2e-2
-    else:  # the same bf16 operands reach the same kernels: equal, not merely close
-        assert [g.logprobs for g in a] == [g.logprobs for g in b]
+    once = HFEngine(model, tok, cfg, cast_weights=cw)
+    firsts = []
+    for round_ in range(2):
+        if round_:
+            with torch.no_grad():
+                for m in _linears(model):
+                    m.weight.mul_(1.5)  # sharper distributions: other samples
+        seen: list[torch.dtype] = []
+        hook = None if compiled else _linears(cw.module)[0].register_forward_hook(
+            lambda m, i, o: seen.append(o.dtype) and None)  # (a hook in a compiled step is a guard: recompiles)
+        b = [g for gs in once.generate(_reqs(tok), seed=3) for g in gs]
+        if hook is not None:
+            hook.remove()
+            assert seen and set(seen) == {torch.bfloat16}  # the copy ran, under autocast
+        if static:
+            assert once._static().model is cw.module
+        a = [g for gs in every.generate(_reqs(tok), seed=3) for g in gs]
+        assert [g.ids for g in a] == [g.ids for g in b]
+        assert len({tuple(g.ids) for g in a}) == len(a)  # sampled at temperature 1: every row its own tokens
+        if compiled:  # against the eager step (one compile, not two): inductor's fusions round bf16 its own way
+            assert max(abs(x - y) for p, q in zip(a, b, strict=True) for x, y in zip(p.logprobs, q.logprobs)) < 2e-2
+        else:  # the same bf16 operands reach the same kernels: equal, not merely close
+            assert [g.logprobs for g in a] == [g.logprobs for g in b]
+        firsts.append([g.ids for g in b])
+    assert firsts[0] != firsts[1]  # the second round sampled from the changed weights
 
 
 @pytest.mark.parametrize("fused", [False, True])

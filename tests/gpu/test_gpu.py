@@ -1,6 +1,6 @@
 """GPU paths (skipped without CUDA): the compiled static-cache decode (a CUDA graph) against the plain
 loop, behaviour log-probs against a fresh forward, seeded determinism, fused AdamW, a bf16 step, a
-mixed-precision (autocast) step."""
+mixed-precision (autocast) step, the CUDA-graph decode from the cast copy of the weights."""
 
 from __future__ import annotations
 
@@ -108,3 +108,29 @@ def test_autocast_step_on_gpu_keeps_fp32_weights_and_agrees_with_its_rollouts() 
     metrics, flat = train_step(parts, StepState())
     assert flat and torch.isfinite(torch.tensor(metrics["loss/policy"]))
     assert abs(metrics["ratio_mean"] - 1.0) < 2e-2
+
+
+def test_cuda_graph_decode_from_the_cast_copy_follows_weight_changes() -> None:
+    """`rollout.cast_weights_once` on CUDA: the CUDA-graph decode holds the copy's addresses, so the
+    in-place re-cast after a weight change must reach the replayed graph. Greedy tokens equal the
+    eager decode that casts every step, before and after the policy's weights change."""
+    from guidedrl.rollout.weights import CastWeights
+
+    model, tok = load_policy(ModelConfig(path="tiny", device="cuda", autocast="bfloat16",
+                                         tiny=TinyModel(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)))
+    cfg = RolloutConfig(max_new_tokens=20, top_k=1, static_cache=True)
+    every = HFEngine(model, tok, cfg.model_copy(update={"compile_decode": False}))
+    cw = CastWeights(model, torch.bfloat16)
+    once = HFEngine(model, tok, cfg, cast_weights=cw)
+    outs = []
+    for round_ in range(2):
+        if round_:
+            with torch.no_grad():
+                for p in model.model.layers.parameters():
+                    p.mul_(1.5)
+        a = [g.ids for gs in every.generate(_reqs(), seed=0) for g in gs]
+        b = [g.ids for gs in once.generate(_reqs(), seed=0) for g in gs]
+        assert a == b, round_
+        outs.append(b)
+    assert once._static().compile_step and once._static().model is cw.module
+    assert outs[0] != outs[1]  # the replayed graph decoded with the changed weights
