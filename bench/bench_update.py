@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/bench_update.py                 # the CPU job's shapes, 1 thread
     .venv/bin/python bench/bench_update.py --ragged        # response lengths spread over 1/8..1 of R
+    .venv/bin/python bench/bench_update.py --ragged-groups --micro-batch 16   # each group its own length
 
 Ways (each the same loss and gradients, see tests/test_fastpaths.py and tests/test_cascade.py):
 - plain: every row's prompt + response through the trunk, micro-batches in row order, untrimmed;
@@ -9,7 +10,10 @@ Ways (each the same loss and gradients, see tests/test_fastpaths.py and tests/te
 - cascade: each group's prompt once, the responses attend to it by cascade attention
   (`guidedrl.cascade`, CPU);
 - cascade+trim: also micro-batches of whole groups sorted by length, all-padding columns cut
-  (what `guidedrl.update.optimizer_step` does).
+  (what `guidedrl.update.optimizer_step` does);
+- cascade+trim+tokens: the same, the micro-batches filled with whole groups up to a token budget
+  (`train.micro_batch_tokens`; default: --micro-batch rows of the longest prompt + response, the
+  row-count way's worst case, so the same peak memory).
 The ways run interleaved (one repeat of each in turn), so a change of machine load hits all.
 The model and batch shapes default to bench_trl.py's CPU job (hidden 64, 2 layers, vocab 512,
 8 prompts x 8 samples, 64-token prompts, 128-token responses, micro-batches of 64).
@@ -37,10 +41,14 @@ from guidedrl.update import _length_sorted_micro_batches, _micro_slices  # noqa:
 def make_batch(a: argparse.Namespace) -> Batch:
     rng = random.Random(0)
     comps = []
+    scale = [random.Random(g).uniform(1 / 8, 1) for g in range(a.prompts)]  # --ragged-groups: a length per group
     for g in range(a.prompts):
         prompt = [rng.randrange(3, a.vocab) for _ in range(a.prompt_len)]
         for _ in range(a.group):
-            n = rng.randint(max(1, a.completion_len // 8), a.completion_len) if a.ragged else a.completion_len
+            if a.ragged_groups:  # rows within 25% of their group's length
+                n = max(1, min(a.completion_len, round(a.completion_len * scale[g] * rng.uniform(0.75, 1))))
+            else:
+                n = rng.randint(max(1, a.completion_len // 8), a.completion_len) if a.ragged else a.completion_len
             ids = [rng.randrange(3, a.vocab) for _ in range(n)]
             comps.append(Completion(sample=Sample(id=str(g), prompt=""), group=g, prompt_ids=prompt, ids=ids,
                                     logprobs=[-1.0] * n, text="", finish_reason="length"))
@@ -49,10 +57,11 @@ def make_batch(a: argparse.Namespace) -> Batch:
     return b
 
 
-def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str) -> float:
+def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str, tokens: int) -> float:
     t0 = time.perf_counter()
-    if way.endswith("+trim"):
-        parts = [batch.select(rows).trimmed() for rows in _length_sorted_micro_batches(batch, micro)]
+    if "+trim" in way:
+        cuts = _length_sorted_micro_batches(batch, micro, tokens if way.endswith("+tokens") else None)
+        parts = [batch.select(rows).trimmed() for rows in cuts]
     else:
         parts = [batch.select(rows) for rows in _micro_slices(len(batch), micro)]
     for mb in parts:
@@ -68,6 +77,8 @@ def main() -> None:
                           ("completion_len", 128), ("micro_batch", 64), ("threads", 1), ("repeats", 7)]:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--ragged", action="store_true", help="response lengths uniform in [R/8, R]")
+    ap.add_argument("--ragged-groups", action="store_true", help="each group's length uniform in [R/8, R]")
+    ap.add_argument("--micro-batch-tokens", type=int, default=0, help="0: micro-batch x (prompt + completion)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,15 +91,19 @@ def main() -> None:
     batch = make_batch(a)
     print(f"batch {len(batch)} rows, P={batch.prompt_len}, R={batch.response_ids.shape[1]}, "
           f"real response tokens {int(batch.response_mask.sum())}, threads {a.threads}")
-    ways = ("plain", "shared", "cascade", "cascade+trim")
+    tokens = a.micro_batch_tokens or a.micro_batch * (a.prompt_len + a.completion_len)
+    calls = {w: len(_length_sorted_micro_batches(batch, a.micro_batch, tokens if w.endswith("tokens") else None))
+             for w in ("rows", "tokens")}
+    print(f"micro-batches: {calls['rows']} of {a.micro_batch} rows, {calls['tokens']} of up to {tokens} tokens")
+    ways = ("plain", "shared", "cascade", "cascade+trim", "cascade+trim+tokens")
     times: dict[str, list[float]] = {w: [] for w in ways}
     for _ in range(a.repeats):
         for way in ways:
-            times[way].append(fwd_bwd(model, batch, a.micro_batch, way))
+            times[way].append(fwd_bwd(model, batch, a.micro_batch, way, tokens))
             model.zero_grad(set_to_none=True)
     results = {w: statistics.median(t[1:]) for w, t in times.items()}
     for way, t in results.items():
-        print(f"{way:12s} fwd+bwd median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
+        print(f"{way:20s} fwd+bwd median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
 
 
 if __name__ == "__main__":

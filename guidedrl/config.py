@@ -372,6 +372,10 @@ class TrainConfig(Strict):
     prompts_per_step: int = Field(8, ge=1)
     micro_batch_size: int = Field(32, ge=1)
     """Sequences per forward/backward; gradients are accumulated to the whole batch."""
+    micro_batch_tokens: int | None = Field(None, ge=1)
+    """Instead: the update's micro-batches filled with whole groups up to this many tokens (rows x
+    their longest prompt + response), short rows many to a micro-batch, long ones few (verl's
+    use_dynamic_bsz). None = micro_batch_size rows."""
     lr: float = 1e-5
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
@@ -442,8 +446,9 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _sizes(self) -> "Config":
-        if "whole_groups" in self.algo.loss.needs:
-            if self.train.micro_batch_size % self.rollout.group_size or self.algo.minibatches != 1:
+        if "whole_groups" in self.algo.loss.needs:  # (token-budget micro-batches hold whole groups)
+            whole = self.train.micro_batch_tokens is not None or self.train.micro_batch_size % self.rollout.group_size == 0
+            if not whole or self.algo.minibatches != 1:
                 raise ValueError(
                     f"algo.loss `{self.algo.loss.name}` computes group statistics per micro-batch: "
                     "train.micro_batch_size must be a multiple of rollout.group_size and algo.minibatches 1"

@@ -152,7 +152,8 @@ def update(parts: Parts, batch: Batch, st: StepState) -> dict[str, float]:
         for m in range(a.minibatches):
             mb = batch.select(order[m * size : (m + 1) * size])
             got, ok = optimizer_step(parts.model, parts.params, parts.optimizer, parts.scheduler, parts.objective, mb,
-                                     micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip, value_head=parts.value_head)
+                                     micro_batch_size=t.micro_batch_size, grad_clip=t.grad_clip, value_head=parts.value_head,
+                                     micro_batch_tokens=t.micro_batch_tokens)
             if not ok:
                 st.nonfinite_in_row += 1
                 ids = sorted({c for c in parts.last_ids})

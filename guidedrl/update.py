@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -125,17 +126,32 @@ def _micro_slices(n: int, size: int) -> list[list[int]]:
     return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
-def _length_sorted_micro_batches(batch: Batch, size: int) -> list[list[int]]:
-    """Rows cut into micro-batches of at most `size`, whole groups ordered by their longest row,
-    so that each trimmed micro-batch pads to a length close to its own rows' (and a group's rows,
-    which share a prompt, stay together for the shared-prompt forward). The losses reduce with
-    whole-batch normalizers, so the order of rows changes nothing but float summation order."""
+def _length_sorted_micro_batches(batch: Batch, size: int, tokens: int | None = None) -> list[list[int]]:
+    """Rows cut into micro-batches, whole groups ordered by their longest row, so that each trimmed
+    micro-batch pads to a length close to its own rows' (and a group's rows, which share a prompt,
+    stay together for the shared-prompt forward). The losses reduce with whole-batch normalizers, so
+    the order of rows changes nothing but float summation order.
+
+    size: at most this many rows a micro-batch. tokens (`train.micro_batch_tokens`): instead, whole
+    groups up to this many tokens a micro-batch, counted as rows x the longest row's real tokens (what
+    the trimmed micro-batch holds, about); a group over the budget is a micro-batch of its own.
+    """
     groups = batch.group_ids.tolist()
     longest: dict[int, int] = {}
     for g, n in zip(groups, batch.attention_mask.sum(-1).tolist(), strict=True):  # real tokens per row
         longest[g] = max(longest.get(g, 0), n)
-    order = sorted(range(len(batch)), key=lambda i: (longest[groups[i]], groups[i], i))
-    return [order[s : s + size] for s in range(0, len(order), size)]
+    order = sorted(range(len(groups)), key=lambda i: (longest[groups[i]], groups[i], i))
+    if tokens is None:
+        return [order[s : s + size] for s in range(0, len(order), size)]
+    sizes = Counter(groups)
+    out: list[list[int]] = []
+    for i in order:  # a group's rows are adjacent in `order`, groups in ascending length
+        g = groups[i]
+        # a group joining is the longest so far (ascending order): the micro-batch pads to its length
+        if not out or (groups[out[-1][-1]] != g and (len(out[-1]) + sizes[g]) * longest[g] > tokens):
+            out.append([])
+        out[-1].append(i)
+    return out
 
 
 def _accumulate(metrics: dict[str, float], new: dict[str, float], share: float) -> None:
@@ -154,8 +170,10 @@ def optimizer_step(
     micro_batch_size: int,
     grad_clip: float | None,
     value_head: nn.Module | None = None,
+    micro_batch_tokens: int | None = None,
 ) -> tuple[dict[str, float], bool]:
-    """Accumulate gradients over micro-batches of `batch`, then step. -> (metrics, finite)."""
+    """Accumulate gradients over micro-batches of `batch` (`micro_batch_size` rows, or whole groups up
+    to `micro_batch_tokens` tokens), then step. -> (metrics, finite)."""
     red = build_reducer(obj.cfg.reduce, batch.mask, obj.default_constant)
     ce_red = build_reducer(ReduceConfig(name="token_mean"), batch.mask * batch.sft.float(), obj.default_constant)
     keep = (~obj.inert_rows(batch)).nonzero().squeeze(-1).tolist()  # rows with a gradient
@@ -164,7 +182,7 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     metrics: dict[str, float] = {"update/skipped_rows": 1.0 - len(keep) / len(batch)}
     finite = True
-    for rows in _length_sorted_micro_batches(trained, micro_batch_size) if keep else []:
+    for rows in _length_sorted_micro_batches(trained, micro_batch_size, micro_batch_tokens) if keep else []:
         loss, m = obj.micro_loss(model, trained.select(rows).trimmed(), red, ce_red, value_head, metric_red)
         if not torch.isfinite(loss):
             finite = False

@@ -15,7 +15,8 @@
 - chunked selected-token log-probs / entropy vs the full-vocabulary reference;
 - the shared-prompt training forward (prompt once per group, KV expanded) vs every row's full
   sequence: log-probs and every parameter's gradient to 1e-5;
-- length-sorted, trimmed micro-batches vs one whole micro-batch: the same gradients to 1e-5;
+- length-sorted, trimmed micro-batches, by rows or by a token budget, vs one whole micro-batch:
+  the same gradients to 1e-5;
 - skipped work: no old-log-prob pass with one epoch, no reference model without KL.
 """
 
@@ -238,6 +239,43 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
     whole = grads(len(b))  # one micro-batch, nothing to trim
     for a, c in zip(whole, grads(3), strict=True):  # 3 length-sorted, trimmed micro-batches
         assert torch.allclose(a, c, atol=1e-5)
+    # token-budget micro-batches (`train.micro_batch_tokens`): whole groups, several micro-batches
+    budget = int(b.attention_mask.sum(-1).max()) * 4
+    tok_rows = _length_sorted_micro_batches(b, len(b), tokens=budget)
+    assert len(tok_rows) > 1 and sorted(r for mb in tok_rows for r in mb) == list(range(len(b)))
+    metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=len(b), grad_clip=None,
+                                     micro_batch_tokens=budget)
+    assert finite
+    for a, p in zip(whole, params, strict=True):
+        assert torch.allclose(a, p.grad, atol=1e-5)
+
+
+def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None:
+    from types import SimpleNamespace
+
+    from guidedrl.update import _length_sorted_micro_batches
+
+    # 4 groups of 2 rows; real tokens per row: group 0 10 and 9, group 1 4 and 3, group 2 7 and 7, group 3 20 and 5
+    real = [10, 9, 4, 3, 7, 7, 20, 5]
+    mask = torch.tensor([[1] * n + [0] * (20 - n) for n in real])
+    b = SimpleNamespace(group_ids=torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), attention_mask=mask)
+    # by longest row: group 1 (4), group 2 (7), group 0 (10), group 3 (20); budget 30:
+    #   group 1: 2 rows x 4 = 8; + group 2: 4 rows x 7 = 28 <= 30, joins;
+    #   + group 0: 6 x 10 = 60 > 30, starts one (2 x 10 = 20); + group 3: 4 x 20 = 80, starts one,
+    #   alone over the budget (2 x 20 = 40): a group is never split
+    assert _length_sorted_micro_batches(b, 8, tokens=30) == [[2, 3, 4, 5], [0, 1], [6, 7]]
+    assert _length_sorted_micro_batches(b, 8, tokens=1000) == [[2, 3, 4, 5, 0, 1, 6, 7]]
+    assert _length_sorted_micro_batches(b, 3) == [[2, 3, 4], [5, 0, 1], [6, 7]]  # by rows: groups may split
+
+
+def test_a_token_budget_satisfies_whole_group_losses_whatever_the_row_size() -> None:
+    from guidedrl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="micro_batch_size"):
+        load_config(None, ["algo.loss.name=nft", "rollout.group_size=4", "train.micro_batch_size=6"])
+    cfg = load_config(None, ["algo.loss.name=nft", "rollout.group_size=4", "train.micro_batch_size=6",
+                             "train.micro_batch_tokens=4096"])
+    assert cfg.train.micro_batch_tokens == 4096
 
 
 def test_stop_strings_and_sliding_window_models_use_the_plain_loop(tiny, monkeypatch) -> None:
@@ -518,3 +556,25 @@ def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog) ->
             policy_outputs(model, collate(comps, tok.pad_token_id)).logprobs.sum().backward()  # the update
     assert torch._dynamo.config.recompile_limit == limit  # restored for later tests
     assert not [r for r in caplog.records if "recompile_limit" in r.getMessage()]
+
+
+def test_a_training_step_with_a_token_budget_matches_the_row_count_one(monkeypatch) -> None:
+    """`train.micro_batch_tokens` end to end: the same step (rewards, loss, gradient norm) as row-count
+    micro-batches; only the summation order differs."""
+    import guidedrl.update as update
+
+    cuts: list[list[list[int]]] = []
+    real = update._length_sorted_micro_batches
+    monkeypatch.setattr(update, "_length_sorted_micro_batches", lambda *a, **k: cuts.append(real(*a, **k)) or cuts[-1])
+    out = {}
+    for extra in ([], ["train.micro_batch_tokens=150"]):
+        cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
+                                 "rollout.max_new_tokens=16", "rollout.group_size=4", "train.prompts_per_step=4",
+                                 "train.micro_batch_size=16", "reward.terms=[{name: 'helpers_rewards:sevens'}]", *extra])
+        seed_everything(0)
+        parts = build_parts(cfg)
+        out[bool(extra)], _ = train_step(parts, StepState())
+    assert len(cuts[0]) == 1 and len(cuts[1]) > 1  # one micro-batch of rows; several under the budget
+    assert out[True]["grad_norm"] > 0
+    for k in ("reward/mean", "loss/policy", "grad_norm"):
+        assert out[True][k] == pytest.approx(out[False][k], rel=1e-4, abs=1e-6), k
