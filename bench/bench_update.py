@@ -3,6 +3,7 @@
     .venv/bin/python bench/bench_update.py                 # the CPU job's shapes, 1 thread
     .venv/bin/python bench/bench_update.py --ragged        # response lengths spread over 1/8..1 of R
     .venv/bin/python bench/bench_update.py --ragged-groups --micro-batch 16   # each group its own length
+    .venv/bin/python bench/bench_update.py --ragged-groups --prompts 32 --micro-batch 16 --no-grad   # forward alone
 
 Ways (each the same loss and gradients, see tests/test_fastpaths.py and tests/test_cascade.py):
 - plain: every row's prompt + response through the trunk, micro-batches in row order, untrimmed;
@@ -22,6 +23,7 @@ The model and batch shapes default to bench_trl.py's CPU job (hidden 64, 2 layer
 from __future__ import annotations
 
 import argparse
+import contextlib
 import random
 import statistics
 import sys
@@ -35,7 +37,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guidedrl.batch import collate  # noqa: E402
 from guidedrl.logprobs import policy_outputs  # noqa: E402
 from guidedrl.types import Batch, Completion, Sample  # noqa: E402
-from guidedrl.update import _length_sorted_micro_batches, _micro_slices  # noqa: E402
+from guidedrl.update import _length_sorted_micro_batches  # noqa: E402
+
+
+def _micro_slices(n: int, size: int) -> list[list[int]]:
+    """Micro-batches in row order (the plain way)."""
+    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
 
 
 def make_batch(a: argparse.Namespace) -> Batch:
@@ -57,7 +64,9 @@ def make_batch(a: argparse.Namespace) -> Batch:
     return b
 
 
-def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str, tokens: int) -> float:
+def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str, tokens: int, no_grad: bool = False) -> float:
+    """Seconds of one pass over `batch` the given way: forward + backward, or the forward alone
+    without a graph (`no_grad`: the reference / old log-prob passes)."""
     t0 = time.perf_counter()
     if "+trim" in way:
         cuts = _length_sorted_micro_batches(batch, micro, tokens if way.endswith("+tokens") else None)
@@ -65,8 +74,10 @@ def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str, tokens: 
     else:
         parts = [batch.select(rows) for rows in _micro_slices(len(batch), micro)]
     for mb in parts:
-        lp = policy_outputs(model, mb, share_prompts=way != "plain", cascade=way.startswith("cascade")).logprobs  # (b, R)
-        (-(lp * mb.advantages).sum() / batch.mask.sum()).backward()
+        with torch.no_grad() if no_grad else contextlib.nullcontext():
+            lp = policy_outputs(model, mb, share_prompts=way != "plain", cascade=way.startswith("cascade")).logprobs  # (b, R)
+        if not no_grad:
+            (-(lp * mb.advantages).sum() / batch.mask.sum()).backward()
     return time.perf_counter() - t0
 
 
@@ -78,6 +89,7 @@ def main() -> None:
         ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=default)
     ap.add_argument("--ragged", action="store_true", help="response lengths uniform in [R/8, R]")
     ap.add_argument("--ragged-groups", action="store_true", help="each group's length uniform in [R/8, R]")
+    ap.add_argument("--no-grad", action="store_true", help="time the forward alone (the no-grad passes)")
     ap.add_argument("--micro-batch-tokens", type=int, default=0, help="0: micro-batch x (prompt + completion)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -99,11 +111,11 @@ def main() -> None:
     times: dict[str, list[float]] = {w: [] for w in ways}
     for _ in range(a.repeats):
         for way in ways:
-            times[way].append(fwd_bwd(model, batch, a.micro_batch, way, tokens))
+            times[way].append(fwd_bwd(model, batch, a.micro_batch, way, tokens, a.no_grad))
             model.zero_grad(set_to_none=True)
     results = {w: statistics.median(t[1:]) for w, t in times.items()}
     for way, t in results.items():
-        print(f"{way:20s} fwd+bwd median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
+        print(f"{way:20s} {'fwd' if a.no_grad else 'fwd+bwd'} median {t:.3f} s   x{results['plain'] / t:.2f} vs plain")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ from guidedrl.rollout.collect import Guide, RolloutContext, collect
 from guidedrl.runlog import NullLogger, RunLogger, console
 from guidedrl.parts import Parts, build_parts
 from guidedrl.types import AdvantageInputs, Batch, Completion
-from guidedrl.update import NonFiniteError, optimizer_step, recompute_old, reference_logprobs
+from guidedrl.update import NonFiniteError, optimizer_step, recompute_old, reference_logprobs, sorted_forward
 
 CORRECT = 1.0 - 1e-6
 
@@ -130,11 +130,10 @@ def compute_advantages(parts: Parts, batch: Batch) -> None:
 def recompute_values(parts: Parts, batch: Batch) -> None:
     from guidedrl.logprobs import policy_outputs
 
-    vals = []
-    for s in range(0, len(batch), parts.cfg.train.micro_batch_size):
-        mb = batch.select(list(range(s, min(len(batch), s + parts.cfg.train.micro_batch_size))))
-        vals.append(policy_outputs(parts.model, mb, value_head=parts.value_head, cascade=parts.objective.cascade).values)
-    batch.old_values = torch.cat(vals) * batch.response_mask
+    vals, = sorted_forward(batch, parts.cfg.train.micro_batch_size, lambda mb: [
+        policy_outputs(parts.model, mb, value_head=parts.value_head, cascade=parts.objective.cascade).values])
+    assert vals is not None
+    batch.old_values = vals * batch.response_mask
 
 
 def update(parts: Parts, batch: Batch, st: StepState) -> dict[str, float]:

@@ -122,10 +122,6 @@ class Objective:
         return total, metrics
 
 
-def _micro_slices(n: int, size: int) -> list[list[int]]:
-    return [list(range(s, min(n, s + size))) for s in range(0, n, size)]
-
-
 def _length_sorted_micro_batches(batch: Batch, size: int, tokens: int | None = None) -> list[list[int]]:
     """Rows cut into micro-batches, whole groups ordered by their longest row, so that each trimmed
     micro-batch pads to a length close to its own rows' (and a group's rows, which share a prompt,
@@ -152,6 +148,23 @@ def _length_sorted_micro_batches(batch: Batch, size: int, tokens: int | None = N
             out.append([])
         out[-1].append(i)
     return out
+
+
+def sorted_forward(batch: Batch, size: int, fn: Callable[[Batch], list[Tensor | None]]) -> list[Tensor | None]:
+    """fn over length-sorted, trimmed micro-batches of `size` rows (the no-grad passes: old and reference
+    log-probs, old values), its (b, R') outputs put back in row order as (B, R), zero past a micro-batch's R'
+    (trimming cuts only all-padding columns: the right end of the responses). None stays None."""
+    B, R = batch.response_mask.shape
+    outs: list[Tensor | None] = []
+    for rows in _length_sorted_micro_batches(batch, size):
+        got = fn(batch.select(rows).trimmed())
+        if not outs:
+            outs = [None if g is None else g.new_zeros((B, R)) for g in got]
+        idx = torch.tensor(rows, device=batch.response_mask.device)
+        for o, g in zip(outs, got, strict=True):
+            if o is not None and g is not None:
+                o[idx, : g.shape[1]] = g
+    return outs
 
 
 def _accumulate(metrics: dict[str, float], new: dict[str, float], share: float) -> None:
@@ -219,18 +232,18 @@ def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_si
     keep = batch.offpolicy.any(-1)  # (B,) rows whose behaviour log-probs must stay
     if rows_only:
         keep = keep | ~batch.recompute_rows
-    lps, means = [], []
-    for rows in _micro_slices(len(batch), micro_batch_size):
-        out = policy_outputs(model, batch.select(rows), temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs,
+    def run(mb: Batch) -> list[Tensor | None]:
+        out = policy_outputs(model, mb, temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs,
                              compiled=obj.compiled, cascade=obj.cascade)
-        lps.append(out.logprobs)
-        if out.vocab_mean_logprobs is not None:
-            means.append(out.vocab_mean_logprobs)
+        return [out.logprobs, out.vocab_mean_logprobs]
+
+    lp, mean = sorted_forward(batch, micro_batch_size, run)
     model.train(was)
-    new = torch.cat(lps) * batch.response_mask  # (B, R)
+    assert lp is not None
+    new = lp * batch.response_mask  # (B, R)
     batch.old_logprobs = torch.where(keep[:, None], batch.old_logprobs, new)
-    if means:
-        batch.extras["old_vocab_mean_logprobs"] = torch.cat(means) * batch.response_mask
+    if mean is not None:
+        batch.extras["old_vocab_mean_logprobs"] = mean * batch.response_mask
 
 
 @torch.no_grad()
@@ -238,8 +251,7 @@ def reference_logprobs(
     ref: nn.Module, batch: Batch, temperature: float, micro_batch_size: int, cascade: bool = True
 ) -> Tensor:
     """Reference-model log-probs of the response tokens: (B, R) (cascade: `train.cascade_attention`)."""
-    outs = [
-        policy_outputs(ref, batch.select(rows), temperature=temperature, cascade=cascade).logprobs
-        for rows in _micro_slices(len(batch), micro_batch_size)
-    ]
-    return torch.cat(outs) * batch.response_mask
+    lp, = sorted_forward(batch, micro_batch_size,
+                          lambda mb: [policy_outputs(ref, mb, temperature=temperature, cascade=cascade).logprobs])
+    assert lp is not None
+    return lp * batch.response_mask

@@ -250,6 +250,29 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
         assert torch.allclose(a, p.grad, atol=1e-5)
 
 
+def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own_logprobs(tiny) -> None:
+    """The reference / old log-prob passes run length-sorted, trimmed micro-batches and put the
+    results back in row order: equal to one forward over the whole untrimmed batch."""
+    from guidedrl.config import AlgoConfig
+    from guidedrl.logprobs import policy_outputs
+    from guidedrl.update import Objective, recompute_old, reference_logprobs
+
+    model, tok = tiny
+    reqs = _reqs(tok)
+    out = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0)).generate(reqs, seed=5)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+             for i, g in enumerate(out) for x in g]
+    b = collate(comps, tok.pad_token_id)
+    assert len({int(n) for n in b.response_mask.sum(-1)}) > 1  # ragged: trimming and sorting both act
+    with torch.no_grad():
+        whole = policy_outputs(model, b).logprobs * b.response_mask  # (B, R)
+    ref = reference_logprobs(model, b, 1.0, 3)
+    assert ref.shape == whole.shape and torch.allclose(ref, whole, atol=1e-5)
+    b.old_logprobs = torch.zeros_like(whole)
+    recompute_old(model, b, Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12), 3)
+    assert torch.allclose(b.old_logprobs, whole, atol=1e-5)
+
+
 def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None:
     from types import SimpleNamespace
 
