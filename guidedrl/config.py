@@ -148,7 +148,7 @@ class RolloutConfig(Strict):
     """torch.compile the static decode step (CUDA graph on GPU; seconds once a shape). None = on CUDA."""
     cast_weights_once: bool = True
     """Under model.autocast: decode from a copy of the trunk's linear weights in the autocast dtype,
-    re-cast after each update, not every token (same numbers; +half the linear weights' memory)."""
+    cast once per rollout, not at every token (same numbers; +half the linear weights' memory)."""
 
 
 # ----------------------------------------------------------------------------- reward
@@ -451,7 +451,8 @@ class Config(Strict):
             if not whole or self.algo.minibatches != 1:
                 raise ValueError(
                     f"algo.loss `{self.algo.loss.name}` computes group statistics per micro-batch: "
-                    "train.micro_batch_size must be a multiple of rollout.group_size and algo.minibatches 1"
+                    "train.micro_batch_size must be a multiple of rollout.group_size (or set "
+                    "train.micro_batch_tokens: whole groups by tokens) and algo.minibatches 1"
                 )
         seqs = self.train.prompts_per_step * self.rollout.group_size
         if seqs % self.algo.minibatches:

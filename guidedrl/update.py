@@ -232,6 +232,7 @@ def recompute_old(model: nn.Module, batch: Batch, obj: Objective, micro_batch_si
     keep = batch.offpolicy.any(-1)  # (B,) rows whose behaviour log-probs must stay
     if rows_only:
         keep = keep | ~batch.recompute_rows
+
     def run(mb: Batch) -> list[Tensor | None]:
         out = policy_outputs(model, mb, temperature=obj.temperature, vocab_mean="vocab_mean" in obj.needs,
                              compiled=obj.compiled, cascade=obj.cascade)

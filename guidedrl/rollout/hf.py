@@ -126,7 +126,6 @@ class HFEngine:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-
     @torch.no_grad()
     def generate(
         self,
