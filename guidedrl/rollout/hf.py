@@ -111,7 +111,6 @@ class HFEngine:
         self.model = model
         self.decode_attention = decode_attention
         self.cast_weights = cast_weights
-        self._net = model  # the module that decodes: the policy, or its cast copy (set by `generate`)
         self.share_prefill = share_prefill
         self._static_decoder: StaticDecoder | None = None
         self.tokenizer = tokenizer
@@ -125,6 +124,11 @@ class HFEngine:
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def _net(self) -> nn.Module:
+        """The module that decodes: the policy, or its cast copy."""
+        return self.model if self.cast_weights is None else self.cast_weights.module
 
     @torch.no_grad()
     def generate(
@@ -143,7 +147,8 @@ class HFEngine:
         bs = self.cfg.batch_size
         was_training = self.model.training
         self.model.eval()
-        self._net = self.model if self.cast_weights is None else self.cast_weights.refresh()
+        if self.cast_weights is not None:
+            self.cast_weights.refresh()  # the policy's current weights, cast once for the whole call
         try:
             for start in range(0, len(rows), bs):
                 chunk = rows[start : start + bs]
@@ -174,6 +179,15 @@ class HFEngine:
         want = self.decode_attention if self.decode_attention is not None else self.device.type == "cpu"
         plain = getattr(config, "_attn_implementation", None) == "sdpa" and cascade.supports(config)
         return DECODE_ATTN_NAME if want and plain else None
+
+    def _decode_loop(
+        self, first: Tensor, cache: Any, attn: Tensor, pos: Tensor, draws: Tensor, temperature: float
+    ) -> list[Generation]:
+        """`_decode_steps` with the decode attention switched on for all of its steps (the prefill,
+        already done, kept sdpa)."""
+        name = self._decode_attention_name()
+        with attention_implementation(unwrap(self._net).config, name) if name else nullcontext():
+            return self._decode_steps(first, cache, attn, pos, draws, temperature)
 
     def _static(self) -> StaticDecoder:
         if self._static_decoder is None:
@@ -228,7 +242,7 @@ class HFEngine:
             layer.batch_select_indices(inv)  # (U, ...) -> (B, ...): the shared prompt's KV, expanded
         return self._decode_loop(first[inv], cache, attn_u[inv], pos_u[inv], draws, temperature)
 
-    def _decode_loop(
+    def _decode_steps(
         self, first: Tensor, cache: Any, attn: Tensor, pos: Tensor, draws: Tensor, temperature: float
     ) -> list[Generation]:
         """The plain loop: one model call per token through Python. draws (N, B): the uniforms of
@@ -248,14 +262,12 @@ class HFEngine:
         eos = torch.tensor(sorted(self.eos_ids), device=dev, dtype=torch.long)
         pad = torch.tensor(self.pad_id, device=dev)
         raw = first  # (A, V) logits of the prefill's last position
-        attn_name = self._decode_attention_name()
         for t in range(max_new):
             if t > 0:
-                with attention_implementation(unwrap(self._net).config, attn_name) if attn_name else nullcontext():
-                    res = self._net(
-                        input_ids=out_ids[live, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
-                        use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
-                    )
+                res = self._net(
+                    input_ids=out_ids[live, t - 1 : t], attention_mask=attn, position_ids=pos[:, -1:] + t,
+                    use_cache=True, logits_to_keep=1, **{self._cache_kw: cache},
+                )
                 cache, raw = getattr(res, self._cache_kw), res.logits[:, -1, :]
             logits = raw.float() / temperature  # (A, V)
             if t < self.cfg.min_new_tokens and eos.numel():
