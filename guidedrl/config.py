@@ -18,7 +18,6 @@ from guidedrl.errors import ConfigError
 from guidedrl.guidance.config import GuidanceConfig
 
 
-
 # ----------------------------------------------------------------------------- model
 
 
