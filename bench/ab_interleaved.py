@@ -84,7 +84,7 @@ def _decoder_runner(model: Any, dec: Any, R: int, around: Callable[[], Any] | No
     """One timed decode of 64 rows (8 prompts x 8) from a fresh prefill; R tokens forced."""
     from bench_trl import build_tokenizer
 
-    from guidedrl.config import RolloutConfig
+    from guidedrl.core.config import RolloutConfig
     from guidedrl.rollout.hf import HFEngine
 
     rng = random.Random(0)
@@ -118,7 +118,7 @@ def _mkl_one_thread() -> Iterator[None]:
 
 
 def decode_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
-    from guidedrl.models import cache_kwarg
+    from guidedrl.nn.models import cache_kwarg
     from guidedrl.rollout.static import StaticDecoder
 
     model = tiny_model().eval()
@@ -145,8 +145,8 @@ def compile_layer_variants(a: argparse.Namespace) -> dict[str, Callable[[], floa
 
     from bench_update import make_batch
 
-    from guidedrl.logprobs import policy_outputs
-    from guidedrl.models import compile_layers
+    from guidedrl.nn.logprobs import policy_outputs
+    from guidedrl.nn.models import compile_layers
 
     eager = tiny_model()
     compiled = copy.deepcopy(eager)
@@ -195,7 +195,7 @@ def _demo_rollout() -> tuple[Any, Any, list[Any]]:
     the arith training split (levels 2-7) x 8 samples. -> (model, tokenizer, requests)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from guidedrl.base import ensure_base
+    from guidedrl.nn.base import ensure_base
     from guidedrl.data.tasks import arith
     from guidedrl.rollout.base import GenRequest
 
@@ -209,7 +209,7 @@ def _demo_rollout() -> tuple[Any, Any, list[Any]]:
 def decode_attention_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """The demo's rollouts (`_demo_rollout`) through the plain loop, its decode steps' attention torch's
     sdpa or `plain_decode_attention`: up to 80 tokens at temperature 1, and --completion-len forced."""
-    from guidedrl.config import RolloutConfig
+    from guidedrl.core.config import RolloutConfig
     from guidedrl.rollout.hf import HFEngine
 
     model, tok, reqs = _demo_rollout()
@@ -236,7 +236,7 @@ def decode_attention_variants(a: argparse.Namespace) -> dict[str, Callable[[], f
 
 def drop_finished_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]]:
     """The demo's rollouts (`_demo_rollout`): up to 80 tokens at temperature 1, plain loop."""
-    from guidedrl.config import RolloutConfig
+    from guidedrl.core.config import RolloutConfig
     from guidedrl.rollout.hf import HFEngine
 
     model, tok, reqs = _demo_rollout()
@@ -273,8 +273,8 @@ def decode_135m_variants(a: argparse.Namespace) -> dict[str, Callable[[], float]
     step or once (`rollout.cast_weights_once`)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from guidedrl.config import RolloutConfig
-    from guidedrl.models import autocast_trunk
+    from guidedrl.core.config import RolloutConfig
+    from guidedrl.nn.models import autocast_trunk
     from guidedrl.rollout.base import GenRequest
     from guidedrl.rollout.hf import HFEngine
     from guidedrl.rollout.weights import CastWeights

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from guidedrl import base
+from guidedrl.nn import base
 from guidedrl.data.tasks import arith
 
 

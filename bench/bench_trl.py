@@ -194,9 +194,9 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     """Warm-up + timed `train_step`s of guidedrl's default GRPO on the job."""
     import torch
 
-    from guidedrl.config import load_config
-    from guidedrl.parts import build_parts
-    from guidedrl.train import StepState, seed_everything, train_step
+    from guidedrl.core.config import load_config
+    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
     n = job.prompts * job.group
     cfg = load_config(None, [
@@ -260,7 +260,7 @@ def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     cuda = job.device == "cuda"
     # guidedrl's mixed precision asked for (--set model.autocast=bfloat16): TRL's too (its bf16 flag
     # runs the forward under torch.autocast through accelerate, on CPU as well)
-    from guidedrl.config import load_config
+    from guidedrl.core.config import load_config
 
     autocast = cuda or load_config(None, list(job.options)).model.autocast != "none"
     args = GRPOConfig(

@@ -9,9 +9,9 @@ Ways (each the same loss and gradients, see tests/test_fastpaths.py and tests/te
 - plain: every row's prompt + response through the trunk, micro-batches in row order, untrimmed;
 - shared: each group's prompt once, its KV cache expanded to the group's rows, an explicit mask;
 - cascade: each group's prompt once, the responses attend to it by cascade attention
-  (`guidedrl.cascade`, CPU);
+  (`guidedrl.nn.cascade`, CPU);
 - cascade+trim: also micro-batches of whole groups sorted by length, all-padding columns cut
-  (what `guidedrl.update.optimizer_step` does);
+  (what `guidedrl.trainer.update.optimizer_step` does);
 - cascade+trim+tokens: the same, the micro-batches filled with whole groups up to a token budget
   (`train.micro_batch_tokens`; default: --micro-batch rows of the longest prompt + response, the
   row-count way's worst case, so the same peak memory).
@@ -34,10 +34,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from guidedrl.batch import collate  # noqa: E402
-from guidedrl.logprobs import policy_outputs  # noqa: E402
-from guidedrl.types import Batch, Completion, Sample  # noqa: E402
-from guidedrl.update import _length_sorted_micro_batches  # noqa: E402
+from guidedrl.trainer.batch import collate  # noqa: E402
+from guidedrl.nn.logprobs import policy_outputs  # noqa: E402
+from guidedrl.core.types import Batch, Completion, Sample  # noqa: E402
+from guidedrl.trainer.update import _length_sorted_micro_batches  # noqa: E402
 
 
 def _micro_slices(n: int, size: int) -> list[list[int]]:

@@ -42,9 +42,9 @@ def first_nonfinite(model: torch.nn.Module) -> tuple[list[Any], list[Any]]:
 def one(backend: str, static: bool) -> str:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from guidedrl.config import load_config
-    from guidedrl.parts import build_parts
-    from guidedrl.train import StepState, seed_everything, train_step
+    from guidedrl.core.config import load_config
+    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
     cfg = load_config(None, [
         "model.path=tiny", "model.device=cuda", "data.eval=null", "eval.enabled=false", "run.progress=false",

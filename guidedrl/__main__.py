@@ -1,5 +1,5 @@
 """`python -m guidedrl` runs the command line."""
 
-from guidedrl.cli import main
+from guidedrl.app.cli import main
 
 raise SystemExit(main())

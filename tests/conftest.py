@@ -11,8 +11,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest
 import torch
 
-from guidedrl.config import ModelConfig, TinyModel
-from guidedrl.models import load_policy
+from guidedrl.core.config import ModelConfig, TinyModel
+from guidedrl.nn.models import load_policy
 
 torch.set_num_threads(2)
 

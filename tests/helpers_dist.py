@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 def batch_and_model():  # type: ignore[no-untyped-def]
     """(model, full batch with advantages): identical in every process (seeded)."""
-    from guidedrl.batch import collate
-    from guidedrl.config import ModelConfig, RolloutConfig, TinyModel
-    from guidedrl.models import load_policy, render_prompt
+    from guidedrl.trainer.batch import collate
+    from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel
+    from guidedrl.nn.models import load_policy, render_prompt
     from guidedrl.rollout.base import GenRequest
     from guidedrl.rollout.collect import Plan, to_completion
     from guidedrl.rollout.hf import HFEngine
-    from guidedrl.types import Sample
+    from guidedrl.core.types import Sample
 
     torch.manual_seed(0)
     model, tok = load_policy(ModelConfig(path="tiny", tiny=TinyModel(hidden_size=64, num_layers=2, num_heads=4,
@@ -42,8 +42,8 @@ def batch_and_model():  # type: ignore[no-untyped-def]
 
 def gradients(rank: int, world: int) -> list[torch.Tensor]:
     """One optimizer step's (summed) gradients from this process's share of the batch."""
-    from guidedrl.config import AlgoConfig
-    from guidedrl.update import Objective, optimizer_step
+    from guidedrl.core.config import AlgoConfig
+    from guidedrl.trainer.update import Objective, optimizer_step
 
     model, b = batch_and_model()
     per = len(b) // world  # 12 rows = 4 groups of 3: each process gets whole groups
@@ -58,7 +58,7 @@ def gradients(rank: int, world: int) -> list[torch.Tensor]:
 
 
 if __name__ == "__main__":
-    from guidedrl import dist
+    from guidedrl.core import dist
 
     assert dist.init_from_env(), "run with WORLD_SIZE > 1"
     grads = gradients(dist.rank(), dist.world_size())

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 
 def sevens(samples: list[Sample], completions: list[str]) -> list[float]:

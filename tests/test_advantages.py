@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 
 from guidedrl import algo
 from guidedrl.algo.advantages import amplified, gae, grpo, group_stats, lite_ppo, reinforce_pp, rloo
-from guidedrl.config import (
+from guidedrl.core.config import (
     AmplifiedAdvantage,
     GAEAdvantage,
     GRPOAdvantage,
@@ -22,8 +22,8 @@ from guidedrl.config import (
     ReinforcePPAdvantage,
     RLOOAdvantage,
 )
-from guidedrl.errors import ConfigError
-from guidedrl.types import AdvantageInputs
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import AdvantageInputs
 
 T = torch.tensor
 
@@ -259,7 +259,7 @@ def test_registry_lookup_and_error():
 def test_every_configured_name_is_registered():
     from typing import get_args
 
-    from guidedrl.config import AdvantageConfig, LossConfig
+    from guidedrl.core.config import AdvantageConfig, LossConfig
 
     adv_names = {c.model_fields["name"].default for c in get_args(get_args(AdvantageConfig)[0])}
     loss_names = {c.model_fields["name"].default for c in get_args(get_args(LossConfig)[0])}

@@ -8,8 +8,8 @@ import pytest
 
 from guidedrl.data.tasks import arith
 from guidedrl.data.tasks.arith import LEVELS, arith_reward, extract_answer, make_samples
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 
 def test_doctests() -> None:

@@ -8,15 +8,15 @@ import pytest
 import torch
 from torch import nn
 
-from guidedrl.batch import collate
-from guidedrl.config import ModelConfig, RolloutConfig, TinyModel, load_config
-from guidedrl.errors import ConfigError
-from guidedrl.logprobs import policy_outputs
-from guidedrl.models import load_policy, render_prompt, trunk_and_head
+from guidedrl.trainer.batch import collate
+from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel, load_config
+from guidedrl.core.errors import ConfigError
+from guidedrl.nn.logprobs import policy_outputs
+from guidedrl.nn.models import load_policy, render_prompt, trunk_and_head
 from guidedrl.rollout.base import Generation, GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 TINY = TinyModel(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
 
@@ -86,7 +86,7 @@ def test_a_small_step_moves_fp32_master_weights_where_bf16_weights_round_it_away
 
 @pytest.mark.parametrize("lr", [1e-3, 1e-4, 1e-5, 1e-6])
 def test_the_estimated_share_of_weights_a_step_moves_matches_a_real_adamw_step(lr: float) -> None:
-    from guidedrl.parts import share_moved_by_step
+    from guidedrl.trainer.build import share_moved_by_step
 
     model, _ = load_policy(ModelConfig(path="tiny", tiny=TINY, dtype="bfloat16"))
     params = [p for p in model.parameters() if p.requires_grad]
@@ -106,7 +106,7 @@ def test_the_estimated_share_of_weights_a_step_moves_matches_a_real_adamw_step(l
 def test_bf16_weights_at_an_lr_their_precision_rounds_away_get_a_warning(dtype: str, autocast: str, warns: bool) -> None:
     import warnings
 
-    from guidedrl.parts import build_parts
+    from guidedrl.trainer.build import build_parts
 
     cfg = load_config(None, ["model.path=tiny", f"model.dtype={dtype}", f"model.autocast={autocast}", "data.eval=null",
                              "eval.enabled=false", "run.progress=false", "train.lr=1e-5"])
@@ -173,8 +173,8 @@ def test_autocast_with_low_precision_weights_is_a_config_error() -> None:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_training_step_runs_under_autocast_with_the_default_fast_paths(lora: bool) -> None:
-    from guidedrl.parts import build_parts
-    from guidedrl.train import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "rollout.max_new_tokens=8", "rollout.group_size=4",

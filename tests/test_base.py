@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidedrl import base
-from guidedrl.base import base_info, base_path, build_base, ensure_base, make_tokenizer
-from guidedrl.errors import ConfigError
+from guidedrl.nn import base
+from guidedrl.nn.base import base_info, base_path, build_base, ensure_base, make_tokenizer
+from guidedrl.core.errors import ConfigError
 
 SMALL = {
     "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,
@@ -84,8 +84,8 @@ def test_info_before_build_reports_size_without_building(cache: Path) -> None:
 def test_builtin_model_path_loads_the_cached_base(cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import dataclasses
 
-    from guidedrl.config import ModelConfig
-    from guidedrl.models import load_policy
+    from guidedrl.core.config import ModelConfig
+    from guidedrl.nn.models import load_policy
 
     monkeypatch.setattr(base, "BASE_RECIPE", dataclasses.replace(base.BASE_RECIPE, **SMALL))
     model, tok = load_policy(ModelConfig(path="builtin:arith"))

@@ -1,4 +1,4 @@
-"""Cascade training attention (`guidedrl.cascade`) against the attention it replaces.
+"""Cascade training attention (`guidedrl.nn.cascade`) against the attention it replaces.
 
 - the autograd function vs sdpa over each row's [prompt; own] keys with an explicit mask: values
   and the gradients of queries, own keys / values and prompt keys / values (grouped KV heads,
@@ -17,10 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidedrl import cascade
-from guidedrl.batch import collate
-from guidedrl.logprobs import response_hidden, token_logprobs
-from guidedrl.types import Completion, Sample
+from guidedrl.nn import cascade
+from guidedrl.trainer.batch import collate
+from guidedrl.nn.logprobs import response_hidden, token_logprobs
+from guidedrl.core.types import Completion, Sample
 
 
 def _reference(q, k, v, pk, pv, pmask, G):
@@ -149,7 +149,7 @@ def test_cascade_forward_in_bfloat16_is_close_to_the_plain_one(tiny, monkeypatch
 
 
 def test_compiled_layers_with_cascade_attention_give_the_eager_results(tiny, monkeypatch) -> None:
-    from guidedrl.models import compile_layers
+    from guidedrl.nn.models import compile_layers
 
     model, _ = tiny
     b = _batch([4, 4, 4], [5, 1, 9, 9, 3, 9, 2, 7, 9, 9, 9, 4])
@@ -162,9 +162,9 @@ def test_compiled_layers_with_cascade_attention_give_the_eager_results(tiny, mon
 
 @pytest.mark.parametrize("on", [True, False])
 def test_train_cascade_attention_config_picks_the_update_path(monkeypatch, on: bool) -> None:
-    from guidedrl.config import load_config
-    from guidedrl.parts import build_parts
-    from guidedrl.train import StepState, seed_everything, train_step
+    from guidedrl.core.config import load_config
+    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
     calls = _count_calls(monkeypatch)
     cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",

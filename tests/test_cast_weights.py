@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from guidedrl.config import ModelConfig, RolloutConfig, TinyModel, load_config
-from guidedrl.models import load_policy, render_prompt, trunk_and_head
+from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel, load_config
+from guidedrl.nn.models import load_policy, render_prompt, trunk_and_head
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.hf import HFEngine
 from guidedrl.rollout.weights import CastWeights
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 TINY = TinyModel(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=128)
 
@@ -123,7 +123,7 @@ def test_the_copy_of_a_lora_policy_follows_its_adapters() -> None:
 
 
 def test_with_compiled_layers_the_copys_layers_are_compiled_too() -> None:
-    from guidedrl.parts import build_parts
+    from guidedrl.trainer.build import build_parts
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "train.compile_model=true"])
@@ -135,8 +135,8 @@ def test_with_compiled_layers_the_copys_layers_are_compiled_too() -> None:
 
 @pytest.mark.parametrize("on", [True, False])
 def test_training_parts_decode_from_the_copy_under_autocast_unless_turned_off(on: bool) -> None:
-    from guidedrl.parts import build_parts
-    from guidedrl.train import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "rollout.max_new_tokens=8", "rollout.group_size=4",

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from guidedrl import checkpoint as ck
-from guidedrl.checkpoint import latest_model_dir, load_checkpoint, restore, save_checkpoint
-from guidedrl.errors import ModelError
+from guidedrl.trainer import checkpoint as ck
+from guidedrl.trainer.checkpoint import latest_model_dir, load_checkpoint, restore, save_checkpoint
+from guidedrl.core.errors import ModelError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +95,7 @@ def test_round_trip_continues_exactly(tmp_path: Path) -> None:
 def test_model_dir_loads_standalone_with_tokenizer(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from guidedrl.models import make_tiny_tokenizer
+    from guidedrl.nn.models import make_tiny_tokenizer
 
     model = tiny_llama(seed=3)
     tok = make_tiny_tokenizer()
@@ -213,7 +213,7 @@ def test_latest_naming_incomplete_falls_back(tmp_path: Path, caplog) -> None:
     root = tmp_path / "checkpoints"
     (root / "step-000002" / "COMPLETE").unlink()  # as if it had been written by a tool that crashed
     (root / "step-000009").mkdir()  # debris without COMPLETE is never chosen
-    with caplog.at_level(logging.WARNING, logger="guidedrl.checkpoint"):
+    with caplog.at_level(logging.WARNING, logger="guidedrl.trainer.checkpoint"):
         ckpt = load_checkpoint(tmp_path)
     assert ckpt.step == 1 and "not a complete checkpoint" in caplog.text
     (root / "latest").unlink()
@@ -226,7 +226,7 @@ import os, sys, time
 sys.path.insert(0, {repo!r})
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
-from guidedrl.checkpoint import save_checkpoint
+from guidedrl.trainer.checkpoint import save_checkpoint
 torch.manual_seed(0)
 model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=256, num_hidden_layers=4, num_attention_heads=2,
                                      num_key_value_heads=1, intermediate_size=1024))

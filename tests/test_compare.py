@@ -9,17 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl.compare import CompareStopped, compare, config_differences, group_runs, mean_pm
-from guidedrl.config import dump_config
-from guidedrl.errors import ConfigError
-from guidedrl.report import PLOTS
+from guidedrl.app.compare import CompareStopped, compare, config_differences, group_runs, mean_pm
+from guidedrl.core.config import dump_config
+from guidedrl.core.errors import ConfigError
+from guidedrl.app.report import PLOTS
 
 FINAL_PASS1 = {"a": 0.2, "b": 0.5}
 """Final eval/pass@1 of seed 0; seed s adds 0.2 * s."""
 
 
 def scripted_trainer(calls: list[tuple[str, bool]], finish: bool = True):
-    """A stand-in for guidedrl.train.run writing metrics the way it does (eval rows at -1 and at the end)."""
+    """A stand-in for guidedrl.trainer.loop.run writing metrics the way it does (eval rows at -1 and at the end)."""
 
     def train(cfg, run_dir: Path, *, resume: bool) -> Path:
         calls.append((run_dir.name, resume))
@@ -132,7 +132,7 @@ def test_group_runs_and_config_differences():
 @pytest.mark.slow
 def test_compare_two_recipes_with_the_tiny_model(tmp_path):
     """The real thing through the CLI: grpo vs luffy (a guided recipe), tiny model, 2 steps each."""
-    from guidedrl.cli import main
+    from guidedrl.app.cli import main
 
     data = tmp_path / "data.jsonl"
     rows = [{"id": f"q{i}", "prompt": f"What is {i} + {i}?", "answer": str(2 * i), "level": 1 + i % 2,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl.cli import main
-from guidedrl.config import Config, RECIPES_DIR, dump_config, load_config, load_yaml, validate
-from guidedrl.errors import ConfigError
+from guidedrl.app.cli import main
+from guidedrl.core.config import Config, RECIPES_DIR, dump_config, load_config, load_yaml, validate
+from guidedrl.core.errors import ConfigError
 
 
 def test_defaults_round_trip(tmp_path: Path) -> None:

@@ -13,12 +13,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from guidedrl.config import DataSource, FieldMap
+from guidedrl.core.config import DataSource, FieldMap
 from guidedrl.data import TASKS, default_reward, load_samples, resolve_task
 from guidedrl.data import loaders
 from guidedrl.data.tasks import reasoning_gym as rg_task
-from guidedrl.errors import ConfigError, DataError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError, DataError
+from guidedrl.core.types import Sample
 
 
 def write_jsonl(path: Path, rows: list[Any]) -> Path:

@@ -9,12 +9,12 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from guidedrl.config import ModelConfig, RolloutConfig, TinyModel
-from guidedrl.models import load_policy, render_prompt
+from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel
+from guidedrl.nn.models import load_policy, render_prompt
 from guidedrl.rollout import hf
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.hf import HFEngine, plain_decode_attention
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 
 class _Attn(nn.Module):

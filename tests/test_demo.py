@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl import base
-from guidedrl.cli import main
+from guidedrl.nn import base
+from guidedrl.app.cli import main
 
 SMALL = {
     "hidden_size": 32, "num_layers": 1, "num_heads": 2, "num_kv_heads": 1, "intermediate_size": 64,

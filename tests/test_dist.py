@@ -1,4 +1,4 @@
-"""Data parallelism on CPU: 2 processes over gloo (see guidedrl.dist).
+"""Data parallelism on CPU: 2 processes over gloo (see guidedrl.core.dist).
 
 - one optimizer step split over 2 processes gives the gradients of the whole batch in one process
   (the reducers' global counts and the gradient sum together), on both processes;
@@ -67,10 +67,10 @@ def test_torchrun_trains_with_two_processes(tmp_path: Path) -> None:
 
 
 def test_prompts_per_step_must_split_over_the_processes(monkeypatch) -> None:
-    from guidedrl import dist
-    from guidedrl.config import load_config
-    from guidedrl.errors import ConfigError
-    from guidedrl.train import run
+    from guidedrl.core import dist
+    from guidedrl.core.config import load_config
+    from guidedrl.core.errors import ConfigError
+    from guidedrl.trainer.loop import run
 
     monkeypatch.setattr(dist, "init_from_env", lambda: True)
     monkeypatch.setattr(dist, "world_size", lambda: 3)

@@ -12,18 +12,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from guidedrl.checkpoint import save_checkpoint
-from guidedrl.config import (
+from guidedrl.trainer.checkpoint import save_checkpoint
+from guidedrl.core.config import (
     Config, DataConfig, DataSource, EvalConfig, ModelConfig, RewardConfig, RewardTerm, RolloutConfig, TinyModel,
     dump_config,
 )
-from guidedrl.errors import ConfigError, DataError, ModelError
-from guidedrl.evaluate import (
-    EvalResult, eval_to_metrics, evaluate, evaluate_model, find_run_model, guided_inputs, majority_at_k, mean_at_k,
-    parse_guidance, pass_at_k, reference_prefix,
-)
+from guidedrl.core.errors import ConfigError, DataError, ModelError
+from guidedrl.algo.metrics import majority_at_k, mean_at_k, pass_at_k
+from guidedrl.app.eval_cmd import find_run_model
+from guidedrl.eval.evaluate import evaluate, evaluate_model, guided_inputs, parse_guidance, reference_prefix
+from guidedrl.eval.results import EvalResult, eval_to_metrics
 from guidedrl.rollout.base import Generation, GenRequest
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 # ----------------------------------------------------------------------------- pass@k
 
@@ -311,7 +311,7 @@ def test_evaluate_with_the_tiny_model_and_hf_engine(tiny):
 
 
 def _fake_checkpoint(run: Path, step: int) -> Path:
-    """The layout guidedrl.checkpoint writes: checkpoints/step-N/{model/, state.json, COMPLETE}."""
+    """The layout guidedrl.trainer.checkpoint writes: checkpoints/step-N/{model/, state.json, COMPLETE}."""
     ck = run / "checkpoints" / f"step-{step:06d}"
     (ck / "model").mkdir(parents=True)
     (ck / "model" / "config.json").write_text("{}")
@@ -360,12 +360,13 @@ def run_folder(tmp_path, tiny):
 
 
 def test_evaluate_model_on_a_run_folder(run_folder, tmp_path):
-    from guidedrl.config import load_config
+    from guidedrl.core.config import load_config
 
     run, data = run_folder
     cfg = load_config(str(run / "config.yaml"))
     out = tmp_path / "out"
-    res = evaluate_model(cfg, str(run), ks=[1, 2], guided="prefix:1.0", out=out, seed=3)
+    res = evaluate_model(cfg, find_run_model(str(run))[0], ks=[1, 2], guided="prefix:1.0", out=out, seed=3,
+                         label=str(run))
     # the whole reference is forced, so the config's reward (`starts with the reference`) is 1 everywhere
     assert res.overall.count == 3 and res.n == 2
     assert res.overall.metrics["pass@1"] == pytest.approx(1.0)
@@ -375,7 +376,7 @@ def test_evaluate_model_on_a_run_folder(run_folder, tmp_path):
 
 
 def test_guidedrl_eval_cli(run_folder, tmp_path, capsys):
-    from guidedrl.cli import main
+    from guidedrl.app.cli import main
 
     run, data = run_folder
     out = tmp_path / "cli"
@@ -393,7 +394,7 @@ def test_guidedrl_eval_cli(run_folder, tmp_path, capsys):
 def test_evaluate_model_under_autocast_decodes_from_the_cast_copy(run_folder, monkeypatch):
     """`guidedrl eval` of a run trained with `model.autocast`: the same results with the decode copy
     (`rollout.cast_weights_once`, cast once) as with the weights cast at every token."""
-    from guidedrl.config import load_config
+    from guidedrl.core.config import load_config
     from guidedrl.rollout.weights import CastWeights
 
     run, _ = run_folder
@@ -404,7 +405,7 @@ def test_evaluate_model_under_autocast_decodes_from_the_cast_copy(run_folder, mo
     for once in (True, False):
         cfg = load_config(str(run / "config.yaml"), ["model.autocast=bfloat16", f"rollout.cast_weights_once={once}"])
         # a reward that tells texts apart, so equal scores mean equal samples
-        results[once] = evaluate_model(cfg, str(run), ks=[1, 2], guided="none", seed=3,
+        results[once] = evaluate_model(cfg, find_run_model(str(run))[0], ks=[1, 2], guided="none", seed=3,
                                        reward_fn=lambda samples, texts: [sum(map(ord, t)) % 1000 / 1000 for t in texts])
         assert bool(refreshed) == once  # the copy decoded (once per generate call), or no copy was made
         refreshed.clear()

@@ -26,17 +26,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from guidedrl.batch import collate
-from guidedrl.config import RolloutConfig, load_config
-from guidedrl.logprobs import token_logprobs
-from guidedrl.models import render_prompt
-from guidedrl.parts import build_parts
+from guidedrl.trainer.batch import collate
+from guidedrl.core.config import RolloutConfig, load_config
+from guidedrl.nn.logprobs import token_logprobs
+from guidedrl.nn.models import render_prompt
+from guidedrl.trainer.build import build_parts
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.rollout.static import cascade_decode_attention, inverse_cdf_sample
-from guidedrl.train import StepState, seed_everything, train_step
-from guidedrl.types import Sample
+from guidedrl.rollout.sampling import inverse_cdf_sample
+from guidedrl.rollout.static import cascade_decode_attention
+from guidedrl.trainer.loop import StepState, seed_everything, train_step
+from guidedrl.core.types import Sample
 
 
 def _reqs(tok) -> list[GenRequest]:
@@ -157,7 +158,7 @@ def test_compiled_decode_equals_the_plain_loop_greedily(tiny, graph_forward: boo
 
 
 def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(tiny) -> None:
-    from guidedrl.logprobs import policy_outputs
+    from guidedrl.nn.logprobs import policy_outputs
 
     model, tok = tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=0.7, top_k=40, static_cache=True))
@@ -175,7 +176,7 @@ def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(t
 
 
 def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(tiny) -> None:
-    from guidedrl.logprobs import _shared_prompts, response_hidden
+    from guidedrl.nn.logprobs import _shared_prompts, response_hidden
 
     model, tok = tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
@@ -204,9 +205,9 @@ def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(
 
 
 def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny) -> None:
-    from guidedrl.config import AlgoConfig
-    from guidedrl.logprobs import policy_outputs
-    from guidedrl.update import Objective, _length_sorted_micro_batches, optimizer_step
+    from guidedrl.core.config import AlgoConfig
+    from guidedrl.nn.logprobs import policy_outputs
+    from guidedrl.trainer.update import Objective, _length_sorted_micro_batches, optimizer_step
 
     model, tok = tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0))
@@ -253,9 +254,9 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
 def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own_logprobs(tiny) -> None:
     """The reference / old log-prob passes run length-sorted, trimmed micro-batches and put the
     results back in row order: equal to one forward over the whole untrimmed batch."""
-    from guidedrl.config import AlgoConfig
-    from guidedrl.logprobs import policy_outputs
-    from guidedrl.update import Objective, recompute_old, reference_logprobs
+    from guidedrl.core.config import AlgoConfig
+    from guidedrl.nn.logprobs import policy_outputs
+    from guidedrl.trainer.update import Objective, recompute_old, reference_logprobs
 
     model, tok = tiny
     reqs = _reqs(tok)
@@ -276,7 +277,7 @@ def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own
 def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None:
     from types import SimpleNamespace
 
-    from guidedrl.update import _length_sorted_micro_batches
+    from guidedrl.trainer.update import _length_sorted_micro_batches
 
     # 4 groups of 2 rows; real tokens per row: group 0 10 and 9, group 1 4 and 3, group 2 7 and 7, group 3 20 and 5
     real = [10, 9, 4, 3, 7, 7, 20, 5]
@@ -292,7 +293,7 @@ def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None
 
 
 def test_a_token_budget_satisfies_whole_group_losses_whatever_the_row_size() -> None:
-    from guidedrl.errors import ConfigError
+    from guidedrl.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="micro_batch_size"):
         load_config(None, ["algo.loss.name=nft", "rollout.group_size=4", "train.micro_batch_size=6"])
@@ -402,7 +403,7 @@ def test_checkpointed_chunks_give_the_gradients_of_the_full_vocabulary_loss() ->
 
 
 def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monkeypatch) -> None:
-    import guidedrl.train as T
+    import guidedrl.trainer.loop as T
 
     calls = []
     monkeypatch.setattr(T, "recompute_old", lambda *a, **k: calls.append(1))
@@ -417,8 +418,8 @@ def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monke
 
 @pytest.mark.slow  # a dynamic-shape compile of 2 layers' forward and backward: ~30 s on 2 cores
 def test_compiled_layers_give_the_eager_logprobs_and_gradients(tiny) -> None:
-    from guidedrl.logprobs import policy_outputs
-    from guidedrl.models import compile_layers
+    from guidedrl.nn.logprobs import policy_outputs
+    from guidedrl.nn.models import compile_layers
 
     model, tok = tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
@@ -445,8 +446,8 @@ def test_compiled_layers_give_the_eager_logprobs_and_gradients(tiny) -> None:
 
 
 def test_compile_model_on_a_model_without_layers_is_a_clear_error() -> None:
-    from guidedrl.errors import ModelError
-    from guidedrl.models import compile_layers
+    from guidedrl.core.errors import ModelError
+    from guidedrl.nn.models import compile_layers
 
     class NoLayers(torch.nn.Module):
         def get_decoder(self):
@@ -460,7 +461,7 @@ def test_compile_model_on_a_model_without_layers_is_a_clear_error() -> None:
 
 
 def test_a_failed_logprob_compile_warns_and_falls_back_to_eager(monkeypatch) -> None:
-    import guidedrl.logprobs as LP
+    import guidedrl.nn.logprobs as LP
 
     def broken(*args):
         raise torch._dynamo.exc.TorchDynamoException("inductor could not generate code")
@@ -487,8 +488,8 @@ def _grouped_batch(model, tok, seed: int):
 
 
 def _step(model, b, *, skip: bool, opt_cls=torch.optim.SGD, lr: float = 0.0, algo=None, opt=None):
-    from guidedrl.config import AlgoConfig
-    from guidedrl.update import Objective, optimizer_step
+    from guidedrl.core.config import AlgoConfig
+    from guidedrl.trainer.update import Objective, optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = opt or opt_cls(params, lr=lr)
@@ -500,7 +501,7 @@ def _step(model, b, *, skip: bool, opt_cls=torch.optim.SGD, lr: float = 0.0, alg
 
 
 def test_inert_rows_are_left_out_with_the_same_gradient(tiny, monkeypatch) -> None:
-    from guidedrl.update import Objective
+    from guidedrl.trainer.update import Objective
 
     model, tok = tiny
     b = _grouped_batch(model, tok, seed=3)
@@ -536,8 +537,8 @@ def test_a_step_of_only_inert_rows_moves_adamw_as_the_full_step_does(tiny) -> No
 
 
 def test_rows_are_not_inert_when_another_term_or_the_loss_reads_them(tiny) -> None:
-    from guidedrl.config import AlgoConfig, PACSLoss, PPOClipLoss
-    from guidedrl.update import Objective
+    from guidedrl.core.config import AlgoConfig, PACSLoss, PPOClipLoss
+    from guidedrl.trainer.update import Objective
 
     model, tok = tiny
     b = _grouped_batch(model, tok, seed=5)
@@ -562,8 +563,8 @@ def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog) ->
 
     import torch._dynamo
 
-    from guidedrl.logprobs import policy_outputs
-    from guidedrl.models import compile_layers
+    from guidedrl.nn.logprobs import policy_outputs
+    from guidedrl.nn.models import compile_layers
 
     model, tok = tiny
     torch._dynamo.reset()  # no graphs of earlier tests' layers counted against the limit
@@ -584,7 +585,7 @@ def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog) ->
 def test_a_training_step_with_a_token_budget_matches_the_row_count_one(monkeypatch) -> None:
     """`train.micro_batch_tokens` end to end: the same step (rewards, loss, gradient norm) as row-count
     micro-batches; only the summation order differs."""
-    import guidedrl.update as update
+    import guidedrl.trainer.update as update
 
     cuts: list[list[list[int]]] = []
     real = update._length_sorted_micro_batches

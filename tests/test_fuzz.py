@@ -14,10 +14,10 @@ from typing import Any
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
-from guidedrl.config import Config, DataSource, FieldMap, apply_overrides, validate
+from guidedrl.core.config import Config, DataSource, FieldMap, apply_overrides, validate
 from guidedrl.data import load_samples
-from guidedrl.errors import ConfigError, DataError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError, DataError
+from guidedrl.core.types import Sample
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 # Shrinking a large failing config tree takes minutes on 2 cores; report the raw failing input instead.

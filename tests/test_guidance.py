@@ -11,17 +11,17 @@ import torch
 
 from guidedrl.algo.reduce import build_reducer
 from guidedrl.algo.losses import ppo_clip
-from guidedrl.batch import collate
-from guidedrl.config import PPOClipLoss, ReduceConfig, RolloutConfig
-from guidedrl.guidance.config import GuidanceConfig, Prefix, Schedule, Trigger
+from guidedrl.trainer.batch import collate
+from guidedrl.core.config import PPOClipLoss, ReduceConfig, RolloutConfig
+from guidedrl.core.config.guidance import GuidanceConfig, Prefix, Schedule, Trigger
 from guidedrl.guidance.guide import ComposedGuide
-from guidedrl.guidance.parts import cut, fires, graded_share, hint_text, prefix_fractions, schedule_strength
+from guidedrl.guidance.pieces import cut, fires, graded_share, hint_text, prefix_fractions, schedule_strength
 from guidedrl.guidance.refine import _mask_before_pivot, pivot_chars
-from guidedrl.logprobs import policy_outputs
-from guidedrl.models import render_prompt
+from guidedrl.nn.logprobs import policy_outputs
+from guidedrl.nn.models import render_prompt
 from guidedrl.rollout.collect import RolloutContext, collect
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.types import Completion, LossInputs, Sample
+from guidedrl.core.types import Completion, LossInputs, Sample
 
 
 def test_sigmoid_decay_by_hand() -> None:

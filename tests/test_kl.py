@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from guidedrl.algo.kl import kl_estimate
-from guidedrl.errors import ConfigError
+from guidedrl.core.errors import ConfigError
 
 T = torch.tensor
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl.config import load_config
-from guidedrl.train import run
+from guidedrl.core.config import load_config
+from guidedrl.trainer.loop import run
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ from guidedrl.algo.losses import (
     value_loss,
 )
 from guidedrl.algo.reduce import REDUCTIONS, build_reducer
-from guidedrl.config import (
+from guidedrl.core.config import (
     CalibrationConfig,
     NFTLoss,
     OffPolicyWeight,
@@ -37,8 +37,8 @@ from guidedrl.config import (
     ReinforceLoss,
     ROVERLoss,
 )
-from guidedrl.errors import ConfigError
-from guidedrl.types import LossInputs
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import LossInputs
 
 T = torch.tensor
 

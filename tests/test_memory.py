@@ -1,4 +1,4 @@
-"""The CPU allocator setting (`guidedrl.memory`): freed memory is reused instead of faulted in again."""
+"""The CPU allocator setting (`guidedrl.trainer.memory`): freed memory is reused instead of faulted in again."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import textwrap
 
 import pytest
 
-import guidedrl.parts as parts_mod
-from guidedrl.config import load_config
+import guidedrl.trainer.build as parts_mod
+from guidedrl.core.config import load_config
 
 # Ten training steps of a small MLP (activations of 4 and 16 MiB, more than glibc's starting mmap and
 # trim thresholds of 128 KiB), after twelve to settle; prints the median of the process's minor page
@@ -20,7 +20,7 @@ from guidedrl.config import load_config
 _PROBE = textwrap.dedent("""
     import resource, statistics, sys, torch
     if sys.argv[1] == "keep":
-        from guidedrl.memory import keep_freed_memory
+        from guidedrl.trainer.memory import keep_freed_memory
         assert keep_freed_memory()
     torch.manual_seed(0)
     torch.set_num_threads(1)

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidedrl.config import Lora, ModelConfig
-from guidedrl.errors import ModelError
-from guidedrl.models import load_policy, render_prompt, resolve_dtype, use_chat
-from guidedrl.types import Sample
+from guidedrl.core.config import Lora, ModelConfig
+from guidedrl.core.errors import ModelError
+from guidedrl.nn.models import load_policy, render_prompt, resolve_dtype, use_chat
+from guidedrl.core.types import Sample
 
 
 def test_local_folder_round_trip(tiny, tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from guidedrl.config import RECIPES_DIR, load_config
-from guidedrl.parts import build_parts
-from guidedrl.train import StepState, seed_everything, train_step
+from guidedrl.core.config import RECIPES_DIR, load_config
+from guidedrl.trainer.build import build_parts
+from guidedrl.trainer.loop import StepState, seed_everything, train_step
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 TEACHER_OVERRIDES = {
@@ -53,7 +53,7 @@ def test_recipe_two_steps(name: str, data_file: Path) -> None:
     before = {n: p.detach().clone() for n, p in parts.model.named_parameters() if p.requires_grad}
     st = StepState()
     if cfg.guidance is not None and cfg.guidance.sft_stage is not None:
-        from guidedrl.guidance.sft import run_sft_stage
+        from guidedrl.trainer.sft import run_sft_stage
 
         assert run_sft_stage(parts, cfg.guidance.sft_stage)["sft/traces"] > 0
     for _ in range(2):

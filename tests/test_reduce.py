@@ -11,10 +11,10 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from guidedrl import dist
+from guidedrl.core import dist
 from guidedrl.algo.reduce import REDUCTIONS, build_reducer
-from guidedrl.config import ReduceConfig
-from guidedrl.errors import ConfigError
+from guidedrl.core.config import ReduceConfig
+from guidedrl.core.errors import ConfigError
 
 T = torch.tensor
 MODES = list(REDUCTIONS)

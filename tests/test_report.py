@@ -15,10 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl.errors import DataError
-from guidedrl.evaluate import EvalResult, GroupMetrics, ProblemResult
-from guidedrl.report import (
-    PLOTS, Section, TableData, md_table, plot_compare, plot_run, read_metrics, report, series, summarize_run,
+from guidedrl.core.errors import DataError
+from guidedrl.eval.results import EvalResult, GroupMetrics, ProblemResult
+from guidedrl.app.compare import report
+from guidedrl.core.tables import md_table
+from guidedrl.app.report import (
+    PLOTS, Section, TableData, plot_compare, plot_run, read_metrics, series, summarize_run,
     write_html,
 )
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from guidedrl.cli import main
+from guidedrl.app.cli import main
 
 STEPS = 6
 
@@ -49,7 +49,7 @@ def _weights(run: Path) -> dict:
 def _child(args: list[str]) -> subprocess.Popen:
     tests = str(Path(__file__).parent)
     env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.Popen([sys.executable, "-m", "guidedrl.cli", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "guidedrl.app.cli", *args], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

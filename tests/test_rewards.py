@@ -11,14 +11,14 @@ from typing import Any
 
 import pytest
 
-from guidedrl.config import RewardTerm
+from guidedrl.core.config import RewardTerm
 from guidedrl.data.tasks.reasoning_gym import make_samples as rg_samples
-from guidedrl.errors import ConfigError, RewardError
+from guidedrl.core.errors import ConfigError, RewardError
 from guidedrl.rewards import REWARDS, build_reward, exact_reward, math_reward, reasoning_gym_reward, regex_format_reward
 from guidedrl.rewards import combine, match
 from guidedrl.rewards import math as math_mod
 from guidedrl.rewards import reasoning_gym as rg_mod
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 
 def S(answer: str | None = None, id: str = "s", **extra: Any) -> Sample:
@@ -326,7 +326,7 @@ def test_lazy_registry_entries(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_reasoning_gym_default_reward_end_to_end() -> None:
-    from guidedrl.config import DataSource
+    from guidedrl.core.config import DataSource
     from guidedrl.data import default_reward, load_samples
 
     src = DataSource(task="reasoning_gym:basic_arithmetic", task_args={"size": 2, "seed": 1})
@@ -352,7 +352,7 @@ def test_terms_may_be_plain_dicts() -> None:
 
 def test_default_config_data_and_reward_work_together() -> None:
     """The embedded default: arith samples from the registry, scored by arith's own reward."""
-    from guidedrl.config import Config
+    from guidedrl.core.config import Config
     from guidedrl.data import default_reward, load_samples
 
     cfg = Config()

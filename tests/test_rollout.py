@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import torch
 
-from guidedrl.batch import collate
-from guidedrl.config import RolloutConfig
-from guidedrl.logprobs import policy_outputs
-from guidedrl.models import render_prompt
+from guidedrl.trainer.batch import collate
+from guidedrl.core.config import RolloutConfig
+from guidedrl.nn.logprobs import policy_outputs
+from guidedrl.nn.models import render_prompt
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 
 def _ctxs(tok):

@@ -14,19 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from guidedrl.errors import ConfigError, DataError
-from guidedrl.rewards import sandbox_hook
-from guidedrl.rewards.code import (
-    Limits,
-    RunResult,
-    code_reward,
-    extract_code,
-    isolation_mode,
-    make_code_reward,
-    run_program,
-)
-from guidedrl.rewards.sandbox_suite import HOSTILE, Hostile, contained, hostile_fields, leftover_processes
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError, DataError
+from guidedrl.sandbox import hook as sandbox_hook
+from guidedrl.rewards.code import code_reward, extract_code, make_code_reward
+from guidedrl.sandbox.exec import Limits, RunResult, isolation_mode, run_program
+from guidedrl.sandbox.suite import HOSTILE, Hostile, contained, hostile_fields, leftover_processes
+from guidedrl.core.types import Sample
 
 NAMESPACES = isolation_mode("auto") == "namespaces"
 needs_namespaces = pytest.mark.skipif(not NAMESPACES, reason="this OS refuses namespaces: basic isolation only")
@@ -224,7 +217,7 @@ def test_make_code_reward_checks_args() -> None:
 
 
 def test_registry_binds_code_reward() -> None:
-    from guidedrl.config import RewardTerm
+    from guidedrl.core.config import RewardTerm
     from guidedrl.rewards import build_reward
 
     reward = build_reward([RewardTerm(name="code", args={"timeout_s": SLACK_S})], [])
@@ -240,7 +233,7 @@ def test_registry_binds_code_reward() -> None:
 TRAINER = """
 import sys, time
 sys.path.insert(0, {repo!r})
-from guidedrl.rewards.code import run_program
+from guidedrl.sandbox.exec import run_program
 print("go", flush=True)
 run_program({code!r}, timeout_s=100, isolation={iso!r})
 """

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guidedrl.algo.shaping import groups_with_signal, overlong_penalty
-from guidedrl.errors import ConfigError
+from guidedrl.algo.reward_shaping import groups_with_signal, overlong_penalty
+from guidedrl.core.errors import ConfigError
 
 T = torch.tensor
 

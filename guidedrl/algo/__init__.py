@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
-from guidedrl.algo import advantages, kl, losses, reduce, shaping  # noqa: F401  (algo.kl etc. for callers)
-from guidedrl.errors import ConfigError
+from guidedrl.algo import advantages, kl, losses, reduce  # noqa: F401  (algo.kl etc. for callers)
+from guidedrl.core.errors import ConfigError
 
 ADVANTAGES: dict[str, Callable[..., Any]] = {
     "grpo": advantages.grpo,

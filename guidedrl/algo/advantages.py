@@ -6,7 +6,7 @@ Sequence-level estimators broadcast one value per row to its tokens.
 Conventions (shared by all estimators):
 - Group statistics are computed over the rows of the batch this process holds (groups are never
   split across processes); batch statistics (REINFORCE++, Lite PPO, GAE whitening) are global, via
-  `guidedrl.dist`.
+  `guidedrl.core.dist`.
 - Standard deviations are unbiased (Bessel's correction), like `torch.std` in TRL's and verl's GRPO.
 - A group with fewer than two counted members has no defined std: its advantage is not divided
   (so a group of one gets r - r = 0, never NaN). verl instead uses mean 0 / std 1 for singletons,
@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidedrl import dist
-from guidedrl.config import (
+from guidedrl.core import dist
+from guidedrl.core.config import (
     AmplifiedAdvantage,
     GAEAdvantage,
     GRPOAdvantage,
@@ -32,7 +32,7 @@ from guidedrl.config import (
     ReinforcePPAdvantage,
     RLOOAdvantage,
 )
-from guidedrl.types import AdvantageInputs, AdvantageOutputs
+from guidedrl.core.types import AdvantageInputs, AdvantageOutputs
 
 WHITEN_EPS = 1e-8
 """Added to the variance when whitening GAE advantages (verl's masked_whiten)."""

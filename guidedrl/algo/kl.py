@@ -18,7 +18,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from guidedrl.errors import ConfigError
+from guidedrl.core.errors import ConfigError
 
 K3_LOGRATIO_CLAMP = 20.0
 """|log pi_ref - log pi_theta| is clamped to this before exp (verl low_var_kl)."""

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from guidedrl.algo.advantages import group_stats
 from guidedrl.algo.kl import Estimator, kl_estimate
-from guidedrl.config import (
+from guidedrl.core.config import (
     CalibrationConfig,
     NFTLoss,
     OffPolicyWeight,
@@ -28,8 +28,8 @@ from guidedrl.config import (
     ReinforceLoss,
     ROVERLoss,
 )
-from guidedrl.errors import ConfigError
-from guidedrl.types import LossInputs, LossOutputs, Reducer
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import LossInputs, LossOutputs, Reducer
 
 LOGRATIO_CLAMP = 20.0
 """|log pi_theta - log pi_old| is clamped to this before exp (verl's ratio guard)."""

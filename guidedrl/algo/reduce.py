@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from guidedrl import dist
-from guidedrl.config import ReduceConfig
-from guidedrl.errors import ConfigError
+from guidedrl.core import dist
+from guidedrl.core.config import ReduceConfig
+from guidedrl.core.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ REDUCTIONS: dict[str, Callable[[Tensor, Tensor, Counts], Tensor]] = {
 
 @dataclass(frozen=True)
 class GlobalReducer:
-    """A `guidedrl.types.Reducer` bound to the counts of one optimizer batch."""
+    """A `guidedrl.core.types.Reducer` bound to the counts of one optimizer batch."""
 
     name: str
     counts: Counts

@@ -1,6 +1,6 @@
 """Load training / evaluation problems as `Sample`s from a built-in task or a data file.
 
-Sources (see `guidedrl.config.DataSource`):
+Sources (see `guidedrl.core.config.DataSource`):
 
 - `task`: a built-in task family (`arith`, `reasoning_gym:<name>`), see `guidedrl.data.tasks`.
 - `path`: a `.jsonl` file (one JSON object a line), a `.parquet` file, or a folder written by
@@ -24,9 +24,9 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from guidedrl.config import DataSource, FieldMap
-from guidedrl.errors import ConfigError, DataError
-from guidedrl.types import Sample
+from guidedrl.core.config import DataSource, FieldMap
+from guidedrl.core.errors import ConfigError, DataError
+from guidedrl.core.types import Sample
 
 Row = tuple[str, str, Any]
 """(where, default id, raw row): `where` names file:line for error messages."""

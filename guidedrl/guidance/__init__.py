@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from guidedrl.config import Config
+    from guidedrl.core.config import Config
     from guidedrl.rollout.collect import Guide
 
 

@@ -15,10 +15,10 @@ import random
 from typing import Any
 
 from guidedrl.guidance import inject
-from guidedrl.guidance.config import GuidanceConfig
-from guidedrl.guidance.parts import CORRECT, fires, graded_share, schedule_strength
+from guidedrl.core.config.guidance import GuidanceConfig
+from guidedrl.guidance.pieces import fires, graded_share, schedule_strength
 from guidedrl.rollout.collect import Plan, RolloutContext, generate_plans, score
-from guidedrl.types import Completion, Sample
+from guidedrl.core.types import CORRECT, Completion, Sample
 
 PRE = ("always", "probability", "offline_hard")
 PRE_INJECTIONS = ("prompt_hint", "response_prefix")

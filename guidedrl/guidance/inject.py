@@ -5,12 +5,12 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from guidedrl.guidance.config import GuidanceConfig
-from guidedrl.guidance.parts import (
-    CORRECT, critique_text, cut, hint_text, knowledge_text, prefix_fractions, rubric_items,
+from guidedrl.core.config.guidance import GuidanceConfig
+from guidedrl.guidance.pieces import (
+    critique_text, cut, hint_text, knowledge_text, prefix_fractions, rubric_items,
 )
 from guidedrl.rollout.collect import Plan, RolloutContext, generate_plans, score
-from guidedrl.types import Completion, Sample
+from guidedrl.core.types import CORRECT, Completion, Sample
 
 
 def source_text(cfg: GuidanceConfig, sample: Sample, ctx: RolloutContext, share: float, fraction: float,

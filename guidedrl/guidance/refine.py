@@ -5,10 +5,10 @@ before the pivot masked)."""
 
 from __future__ import annotations
 
-from guidedrl.guidance.config import GuidanceConfig
-from guidedrl.guidance.parts import CORRECT, critique_text, rubric_items
+from guidedrl.core.config.guidance import GuidanceConfig
+from guidedrl.guidance.pieces import critique_text, rubric_items
 from guidedrl.rollout.collect import Plan, RolloutContext, generate_plans, score
-from guidedrl.types import Completion, Sample
+from guidedrl.core.types import CORRECT, Completion, Sample
 
 STEP_ENDS = (".", "\n", ";")
 

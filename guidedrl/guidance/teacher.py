@@ -6,18 +6,18 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from guidedrl.config import ModelConfig, RolloutConfig
-from guidedrl.guidance.config import Teacher
+from guidedrl.core.config import ModelConfig, RolloutConfig
+from guidedrl.core.config.guidance import Teacher
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import RolloutContext
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 
 class LocalTeacher:
     """A local causal LM sampled with the transformers engine."""
 
     def __init__(self, cfg: Teacher, rollout: RolloutConfig, device: str = "auto") -> None:
-        from guidedrl.models import load_model, load_tokenizer, use_chat
+        from guidedrl.nn.models import load_model, load_tokenizer, use_chat
         from guidedrl.rollout.hf import HFEngine
 
         mcfg = ModelConfig(path=cfg.path or "", device=device)
@@ -29,7 +29,7 @@ class LocalTeacher:
 
     def complete(self, sample: Sample, *, n: int = 1, seed: int = 0, prefix: str = "") -> list[str]:
         """n continuations of `prefix` as the teacher's answer to `sample` (text, prefix excluded)."""
-        from guidedrl.models import render_prompt
+        from guidedrl.nn.models import render_prompt
 
         ctx = render_prompt(self.tokenizer, sample, chat=self.chat)
         pre = list(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []

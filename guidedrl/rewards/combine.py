@@ -32,12 +32,12 @@ from typing import Any, Literal
 
 from pydantic import ValidationError
 
-from guidedrl.config import RewardTerm
-from guidedrl.errors import ConfigError, RewardError
+from guidedrl.core.config import RewardTerm
+from guidedrl.core.errors import ConfigError, RewardError
 from guidedrl.rewards.match import make_exact, make_regex_format
 from guidedrl.rewards.math import make_math
 from guidedrl.rewards.reasoning_gym import make_reasoning_gym
-from guidedrl.types import RewardFn, Sample
+from guidedrl.core.types import RewardFn, Sample
 
 OnError = Literal["raise", "zero"]
 Scores = list[float | None]

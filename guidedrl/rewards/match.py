@@ -10,8 +10,8 @@ import functools
 import re
 from typing import Any, Literal
 
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 RegexMode = Literal["search", "fullmatch", "match"]
 

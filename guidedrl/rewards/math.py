@@ -19,9 +19,9 @@ import threading
 import warnings
 from typing import Any
 
-from guidedrl.errors import ConfigError
+from guidedrl.core.errors import ConfigError
 from guidedrl.rewards.match import extract_tag
-from guidedrl.types import Sample
+from guidedrl.core.types import Sample
 
 TIMEOUT_S = 5
 """math-verify's own default timeout (seconds) for parsing and for verifying, main thread only."""

@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 
 _SCORERS: dict[tuple[str, str], Callable[[str | None, dict[str, Any]], float]] = {}

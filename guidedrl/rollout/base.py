@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from guidedrl.types import FinishReason
+from guidedrl.core.types import FinishReason
 
 
 @dataclass

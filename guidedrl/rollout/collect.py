@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from guidedrl.rollout.base import Engine, Generation, GenRequest
-from guidedrl.types import Completion, Sample, Source
+from guidedrl.core.types import Completion, Sample, Source
 
 RewardCall = Callable[[list[Sample], list[str]], tuple[list[float], list[dict[str, Any]]]]
 

@@ -21,26 +21,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from guidedrl import cascade
-from guidedrl.config import RolloutConfig
-from guidedrl.models import attention_dtype, attention_implementation, cache_kwarg, unwrap
+from guidedrl.nn import cascade
+from guidedrl.core.config import RolloutConfig
+from guidedrl.nn.models import attention_dtype, attention_implementation, cache_kwarg, unwrap
 from guidedrl.rollout.base import Generation, GenRequest
-from guidedrl.rollout.static import StaticDecoder, inverse_cdf_sample
+from guidedrl.rollout.sampling import filter_logits, inverse_cdf_sample
+from guidedrl.rollout.static import StaticDecoder
 from guidedrl.rollout.weights import CastWeights
-
-
-def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """logits: (B, V) already temperature-scaled -> masked logits for sampling."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)  # (B, V)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    return logits
 
 
 DECODE_ATTN_NAME = "guidedrl_plain_decode"
@@ -167,7 +154,7 @@ class HFEngine:
     def _use_static(self) -> bool:
         """The static-cache path: asked for, or by default on CUDA; never with stop strings, nor for a
         model whose attention is more than plain causal softmax (sliding window, softcap: see
-        `guidedrl.cascade.supports`), which the decode's own attention function would not reproduce."""
+        `guidedrl.nn.cascade.supports`), which the decode's own attention function would not reproduce."""
         want = self.cfg.static_cache if self.cfg.static_cache is not None else self.device.type == "cuda"
         config = unwrap(self.model).config
         attn = getattr(config, "_attn_implementation", None)
@@ -273,7 +260,7 @@ class HFEngine:
             if t < self.cfg.min_new_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
             logp = logits.log_softmax(-1)  # (A, V)
-            probs = _filter_logits(logits, self.cfg.top_k, self.cfg.top_p).softmax(-1)
+            probs = filter_logits(logits, self.cfg.top_k, self.cfg.top_p).softmax(-1)
             was_done = done[live]  # (A,)
             nxt = torch.where(was_done, pad, inverse_cdf_sample(probs, draws[t, live][:, None]))  # (A,)
             out_ids[live, t] = nxt

@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from guidedrl.errors import ModelError
+from guidedrl.core.errors import ModelError
 
 
 class RemoteClient:

@@ -44,7 +44,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from guidedrl.models import attention_dtype, attention_implementation
+from guidedrl.nn.models import attention_dtype, attention_implementation
+from guidedrl.rollout.sampling import filter_logits, sample_tokens
 
 ATTN_NAME = "guidedrl_cascade_decode"
 
@@ -113,16 +114,6 @@ def _register_attention() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTN_NAME, cascade_decode_attention)
-
-
-def inverse_cdf_sample(probs: Tensor, u: Tensor) -> Tensor:
-    """A sample from each row of probs (B, V) (unnormalized is fine) given u (B, 1) ~ U(0, 1] -> (B,).
-
-    Token k is picked when cum[k-1] < u * cum[-1] <= cum[k], which has probability p_k / sum(p); a
-    zero-probability token (cum[k] == cum[k-1]) is never picked, and u > 0 keeps the count <= V - 1.
-    """
-    cum = probs.cumsum(-1)  # (B, V)
-    return (cum < u * cum[:, -1:]).sum(-1)  # (B,) number of tokens whose cumulative mass is below the draw
 
 
 class StaticDecoder:
@@ -196,8 +187,6 @@ class StaticDecoder:
     def _make_advance(self, sampling: tuple[Any, ...]) -> Callable[[Tensor, Tensor, Tensor], None]:
         """advance(logits (B, V), eos, pad): sample token t from the logits, record it and its
         behaviour log-prob at column t, make it the next input, and move t and the position on."""
-        from guidedrl.rollout.hf import _filter_logits
-
         temperature, top_k, top_p, _ = sampling
         b = self._bufs
 
@@ -205,7 +194,7 @@ class StaticDecoder:
             t = b["t"]
             bias = torch.where(t < b["min_new"], b["eos_bias"], 0.0)  # (V,)
             u = b["draws"].index_select(0, t.view(1))[0]  # (B, 1); a tensor index, not a Python int (no graph break)
-            nxt, lp = sample_tokens(logits, bias, u, b["done"], eos, pad, temperature, top_k, top_p, _filter_logits)
+            nxt, lp = sample_tokens(logits, bias, u, b["done"], eos, pad, temperature, top_k, top_p, filter_logits)
             b["out_ids"].index_copy_(1, t.view(1), nxt[:, None])
             b["out_lp"].index_copy_(1, t.view(1), lp[:, None])
             b["ids"].copy_(nxt[:, None])
@@ -353,32 +342,6 @@ def _grouped(inverse: Tensor, U: int) -> bool:
         return False
     expected = torch.arange(U, device=inverse.device).repeat_interleave(B // U)
     return bool(torch.equal(inverse, expected))
-
-
-def sample_tokens(
-    logits: Tensor,
-    bias: Tensor,
-    u: Tensor,
-    done: Tensor,
-    eos: Tensor,
-    pad: Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    filter_fn: Callable[[Tensor, int, float], Tensor],
-) -> tuple[Tensor, Tensor]:
-    """One sampling step on the device. logits (B, V) -> (next ids (B,), behaviour log-probs (B,)).
-
-    Updates `done` (B,) in place: rows that sampled eos are done; done rows emit pad with log-prob 0.
-    """
-    scaled = logits.float() / temperature + bias  # (B, V)
-    logp = scaled.log_softmax(-1)  # (B, V) the recorded behaviour distribution (no top-k/p renormalization)
-    probs = filter_fn(scaled, top_k, top_p).softmax(-1)
-    nxt = inverse_cdf_sample(probs, u)  # (B,)
-    nxt = torch.where(done, pad, nxt)
-    lp = logp.gather(-1, nxt[:, None]).squeeze(-1).masked_fill(done, 0.0)  # (B,)
-    done |= torch.isin(nxt, eos)
-    return nxt, lp
 
 
 def _bucket(n: int, size: int = 128) -> int:

@@ -28,8 +28,8 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from guidedrl.config import ModelConfig, RolloutConfig
-from guidedrl.models import trunk_and_head
+from guidedrl.core.config import ModelConfig, RolloutConfig
+from guidedrl.nn.models import trunk_and_head
 
 
 class CastWeights:

@@ -7,16 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from guidedrl.batch import collate
-from guidedrl.config import ModelConfig, RolloutConfig, TinyModel, load_config
-from guidedrl.logprobs import policy_outputs
-from guidedrl.models import load_policy
-from guidedrl.parts import build_parts
+from guidedrl.trainer.batch import collate
+from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel, load_config
+from guidedrl.nn.logprobs import policy_outputs
+from guidedrl.nn.models import load_policy
+from guidedrl.trainer.build import build_parts
 from guidedrl.rollout.base import GenRequest
 from guidedrl.rollout.collect import Plan, to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.train import StepState, seed_everything, train_step
-from guidedrl.types import Sample
+from guidedrl.trainer.loop import StepState, seed_everything, train_step
+from guidedrl.core.types import Sample
 
 pytestmark = pytest.mark.gpu
 

@@ -13,9 +13,9 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from guidedrl.config import RewardTerm
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.config import RewardTerm
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 RG_PREFIX = "reasoning_gym:"
 
@@ -49,7 +49,7 @@ def resolve_task(task: str, key: str = "data.train.task") -> Callable[..., list[
     >>> resolve_task("arth")
     Traceback (most recent call last):
     ...
-    guidedrl.errors.ConfigError: `data.train.task`: unknown task `arth`. Did you mean `arith`?
+    guidedrl.core.errors.ConfigError: `data.train.task`: unknown task `arth`. Did you mean `arith`?
     """
     if task.startswith(RG_PREFIX):
         name = task[len(RG_PREFIX):]

@@ -29,8 +29,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 LEVELS: int = 7
 """The number of difficulty levels; level l needs l operations."""

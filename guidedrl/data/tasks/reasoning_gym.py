@@ -17,8 +17,8 @@ import dataclasses
 import difflib
 from typing import Any
 
-from guidedrl.errors import ConfigError
-from guidedrl.types import Sample
+from guidedrl.core.errors import ConfigError
+from guidedrl.core.types import Sample
 
 TEST_SEED_OFFSET = 1_000_003
 """Added to `seed` for the `test` split (a prime, so it is unlikely to equal a user's other seed)."""
@@ -37,7 +37,7 @@ def check_name(name: str, key: str = "data.train.task") -> None:
     >>> check_name("leg_countin")
     Traceback (most recent call last):
     ...
-    guidedrl.errors.ConfigError: `data.train.task`: reasoning-gym has no dataset `leg_countin`. Did you mean: leg_counting, letter_counting, rectangle_count?
+    guidedrl.core.errors.ConfigError: `data.train.task`: reasoning-gym has no dataset `leg_countin`. Did you mean: leg_counting, letter_counting, rectangle_count?
     """
     names = dataset_names()
     if name in names:

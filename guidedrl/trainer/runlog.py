@@ -1,0 +1,106 @@
+"""Run-folder logging: metrics.jsonl, completions.jsonl, a rich progress bar, optional
+TensorBoard / W&B."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from guidedrl.core.console import console
+from guidedrl.core.types import Completion
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+class RunLogger:
+    """Appends one JSON line per step; drives the progress bar and optional external loggers."""
+
+    def __init__(self, run_dir: Path, total_steps: int, start_step: int, *, progress: bool, loggers: list[str], config: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.completions_path = run_dir / "completions.jsonl"
+        self._progress: Progress | None = None
+        self._task = None
+        if progress:
+            self._progress = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                console=console, transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(run_dir.name, total=total_steps, completed=start_step, info="")
+        self._tb = None
+        self._wandb = None
+        if "tensorboard" in loggers:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(str(run_dir / "tb"))
+        if "wandb" in loggers:
+            import wandb
+
+            self._wandb = wandb.init(project="guidedrl", name=run_dir.name, config=config, dir=str(run_dir))
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop metric lines of steps after the checkpoint (they will be redone)."""
+        for path in (self.metrics_path, self.completions_path):
+            if not path.exists():
+                continue
+            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) <= step]
+            path.write_text("".join(k + "\n" for k in keep))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        row = {"step": step} | {k: _clean(v) for k, v in sorted(metrics.items())}
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(metrics, step=step)
+        if self._progress is not None and self._task is not None:
+            r = metrics.get("reward/mean")
+            info = f"reward {r:.3f}" if r is not None else ""
+            self._progress.update(self._task, completed=step + 1, info=info)
+
+    def log_completions(self, step: int, completions: list[Completion], n: int) -> None:
+        if n <= 0:
+            return
+        with self.completions_path.open("a") as f:
+            for c in completions[:n]:
+                f.write(json.dumps({
+                    "step": step, "sample": c.sample.id, "source": c.source, "reward": c.reward,
+                    "finish": c.finish_reason, "text": c.text,
+                }) + "\n")
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+class NullLogger:
+    """What processes other than 0 log under torchrun: nothing (process 0 logs the averaged metrics)."""
+
+    def truncate_after(self, step: int) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def log_completions(self, step: int, completions: list[Completion], n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
