@@ -195,8 +195,9 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
     import torch
 
     from guidedrl.core.config import load_config
-    from guidedrl.trainer.build import build_parts
-    from guidedrl.trainer.loop import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build
+    from guidedrl.trainer.loop import seed_everything
+    from guidedrl.trainer.step import StepState, train_step
 
     n = job.prompts * job.group
     cfg = load_config(None, [
@@ -209,7 +210,7 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
         *job.options,
     ])
     seed_everything(0)
-    parts = build_parts(cfg)
+    parts = build(cfg)
     st = StepState()
     steps, gen, upd, warm, faults, plen = [], [], [], [], [], 0
     for i in range(job.warmup + job.steps):
@@ -222,7 +223,7 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
         faults.append(_minor_faults() - f0)
         st.step += 1
         assert all(len(c.ids) == job.completion_len for c in flat), "the completion length was not forced"
-        plen = len(flat[0].prompt_ids)
+        plen = len(flat[0].gen_context)
         if i < job.warmup:
             warm.append(m["time/step"])  # the first holds the one-off compile of the decode step
         else:
@@ -231,7 +232,7 @@ def run_guidedrl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:
             upd.append(m["time/update"])
     return {"step_s": steps, "generate_s": gen, "update_s": upd, "warmup_s": warm, "faults": faults[job.warmup :],
             "peak_bytes": _peak_memory(job.device),
-            "prompt_tokens": plen, "params": sum(p.numel() for p in parts.model.parameters())}
+            "prompt_tokens": plen, "params": sum(p.numel() for p in parts.policy.model.parameters())}
 
 
 def run_trl(job: Job, mdir: Path, data: Path) -> dict[str, Any]:

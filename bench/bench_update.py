@@ -57,8 +57,8 @@ def make_batch(a: argparse.Namespace) -> Batch:
             else:
                 n = rng.randint(max(1, a.completion_len // 8), a.completion_len) if a.ragged else a.completion_len
             ids = [rng.randrange(3, a.vocab) for _ in range(n)]
-            comps.append(Completion(sample=Sample(id=str(g), prompt=""), group=g, prompt_ids=prompt, ids=ids,
-                                    logprobs=[-1.0] * n, text="", finish_reason="length"))
+            comps.append(Completion(sample=Sample(id=str(g), prompt=""), group=g, gen_context=prompt, ids=ids,
+                                    behaviour_logprobs=[-1.0] * n, text="", finish_reason="length"))
     b = collate(comps, pad_id=0)
     b.advantages = torch.randn(b.mask.shape) * b.mask  # (B, R)
     return b

@@ -43,8 +43,9 @@ def one(backend: str, static: bool) -> str:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from guidedrl.core.config import load_config
-    from guidedrl.trainer.build import build_parts
-    from guidedrl.trainer.loop import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build
+    from guidedrl.trainer.loop import seed_everything
+    from guidedrl.trainer.step import StepState, train_step
 
     cfg = load_config(None, [
         "model.path=tiny", "model.device=cuda", "data.eval=null", "eval.enabled=false", "run.progress=false",
@@ -53,8 +54,8 @@ def one(backend: str, static: bool) -> str:
         f"rollout.static_cache={str(static).lower()}",
     ])
     seed_everything(0)
-    parts = build_parts(cfg)
-    found, handles = first_nonfinite(parts.model)
+    parts = build(cfg)
+    found, handles = first_nonfinite(parts.policy.model)
     try:
         with sdpa_kernel(getattr(SDPBackend, backend)):
             metrics, flat = train_step(parts, StepState())
@@ -63,7 +64,7 @@ def one(backend: str, static: bool) -> str:
     finally:
         for h in handles:
             h.remove()
-    plens = sorted({len(c.prompt_ids) for c in flat})
+    plens = sorted({len(c.gen_context) for c in flat})
     return (f"{backend:22s} static={static!s:5s} loss {metrics.get('loss/policy')} nonfinite {metrics.get('nonfinite')} "
             f"prompt lengths {plens} first non-finite output: {found[0] if found else None}")
 

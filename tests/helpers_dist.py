@@ -23,7 +23,9 @@ def batch_and_model():  # type: ignore[no-untyped-def]
     from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel
     from guidedrl.nn.models import load_policy, render_prompt
     from guidedrl.rollout.base import GenRequest
-    from guidedrl.rollout.collect import Plan, to_completion
+    from guidedrl.guidance.protocol import Plan
+    from guidedrl.nn.prompts import Renderer
+    from guidedrl.trainer.collect import to_completion
     from guidedrl.rollout.hf import HFEngine
     from guidedrl.core.types import Sample
 
@@ -33,7 +35,7 @@ def batch_and_model():  # type: ignore[no-untyped-def]
     prompts = ["What is 2+3?", "Hi", "Start at 3. Add 4. Times 2.", "Go"]  # unequal lengths
     reqs = [GenRequest(render_prompt(tok, Sample(id=str(i), prompt=p), chat=True), n=3) for i, p in enumerate(prompts)]
     out = HFEngine(model, tok, RolloutConfig(max_new_tokens=9, temperature=1.0)).generate(reqs, seed=11)
-    comps = [to_completion(Sample(id=str(i), prompt=""), i, Plan(context=reqs[i].context, n=1), x, tok)
+    comps = [to_completion(Sample(id=str(i), prompt=""), i, Plan(gen_context=reqs[i].context, n=1), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     b.advantages = torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(1)) * b.mask  # (B, R)

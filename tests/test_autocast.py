@@ -14,7 +14,9 @@ from guidedrl.core.errors import ConfigError
 from guidedrl.nn.logprobs import policy_outputs
 from guidedrl.nn.models import load_policy, render_prompt, trunk_and_head
 from guidedrl.rollout.base import Generation, GenRequest
-from guidedrl.rollout.collect import Plan, to_completion
+from guidedrl.guidance.protocol import Plan
+from guidedrl.nn.prompts import Renderer
+from guidedrl.trainer.collect import to_completion
 from guidedrl.rollout.hf import HFEngine
 from guidedrl.core.types import Sample
 
@@ -38,7 +40,7 @@ def _batch(tok):
         for j in range(3):
             ids = answer[: 3 + 2 * j]
             gen = Generation(ids=ids, logprobs=[0.0] * len(ids), text="", finish_reason="length")
-            comps.append(to_completion(Sample(id=str(i), prompt=p), i, Plan(context=ctx, n=1), gen, tok))
+            comps.append(to_completion(Sample(id=str(i), prompt=p), i, Plan(gen_context=ctx, n=1), gen, Renderer(tok, chat=False)))
     return collate(comps, tok.pad_token_id)
 
 
@@ -106,13 +108,13 @@ def test_the_estimated_share_of_weights_a_step_moves_matches_a_real_adamw_step(l
 def test_bf16_weights_at_an_lr_their_precision_rounds_away_get_a_warning(dtype: str, autocast: str, warns: bool) -> None:
     import warnings
 
-    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.build import build
 
     cfg = load_config(None, ["model.path=tiny", f"model.dtype={dtype}", f"model.autocast={autocast}", "data.eval=null",
                              "eval.enabled=false", "run.progress=false", "train.lr=1e-5"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        build_parts(cfg)
+        build(cfg)
     msgs = [str(w.message) for w in caught if "train.lr" in str(w.message)]
     assert bool(msgs) == warns, msgs
     if warns:  # the tiny model's init: about a sixth of its bf16 weights move at lr 1e-5
@@ -153,7 +155,7 @@ def test_decode_paths_agree_under_autocast(compile_step: bool, graph_forward: bo
     fast = [g for gs in eng.generate(reqs, seed=0) for g in gs]
     assert eng._static().compile_step == compile_step, "a failed compile fell back to the eager step"
     assert [g.ids for g in plain] == [g.ids for g in fast]
-    comps = [to_completion(Sample(id="s", prompt=""), i // 3, Plan(context=reqs[i // 3].context, n=1), g, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i // 3, Plan(gen_context=reqs[i // 3].context, n=1), g, Renderer(tok, chat=False))
              for i, g in enumerate(fast)]
     b = collate(comps, tok.pad_token_id)
     with torch.no_grad():
@@ -173,22 +175,23 @@ def test_autocast_with_low_precision_weights_is_a_config_error() -> None:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_a_training_step_runs_under_autocast_with_the_default_fast_paths(lora: bool) -> None:
-    from guidedrl.trainer.build import build_parts
-    from guidedrl.trainer.loop import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build
+    from guidedrl.trainer.loop import seed_everything
+    from guidedrl.trainer.step import StepState, train_step
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "rollout.max_new_tokens=8", "rollout.group_size=4",
                              "train.prompts_per_step=2", "train.micro_batch_size=4",
                              "reward.terms=[{name: 'helpers_rewards:sevens'}]", *(["model.lora={r: 4}"] if lora else [])])
     seed_everything(0)
-    parts = build_parts(cfg)
-    before = [p.detach().clone() for p in parts.params]
+    parts = build(cfg)
+    before = [p.detach().clone() for p in parts.optim.params]
     metrics, _ = train_step(parts, StepState())
-    assert all(p.dtype == torch.float32 for p in parts.model.parameters())
+    assert all(p.dtype == torch.float32 for p in parts.policy.model.parameters())
     assert metrics["reward/std"] > 0 and metrics["grad_norm"] > 0 and abs(metrics["loss/policy"]) < 10
     # the rollouts' behaviour log-probs and the update's forward both run under autocast: ratio ~1
     assert abs(metrics["ratio_mean"] - 1.0) < 2e-2, metrics["ratio_mean"]
-    moved = [not torch.equal(a, p) for a, p in zip(before, parts.params, strict=True)]
+    moved = [not torch.equal(a, p) for a, p in zip(before, parts.optim.params, strict=True)]
     assert sum(moved) >= len(moved) / 2  # (LoRA's A matrices get no gradient while B is still 0)
 
 

@@ -67,8 +67,8 @@ def _batch(groups: list[int], resp_lens: list[int], seed: int = 0):
         for _ in range(n):
             m = next(lens)
             ids = [rng.randrange(3, 200) for _ in range(m)]
-            comps.append(Completion(sample=Sample(id=str(gi), prompt=""), group=gi, prompt_ids=prompt, ids=ids,
-                                    logprobs=[-1.0] * m, text="", finish_reason="length"))
+            comps.append(Completion(sample=Sample(id=str(gi), prompt=""), group=gi, gen_context=prompt, ids=ids,
+                                    behaviour_logprobs=[-1.0] * m, text="", finish_reason="length"))
     return collate(comps, pad_id=0)
 
 
@@ -163,8 +163,9 @@ def test_compiled_layers_with_cascade_attention_give_the_eager_results(tiny, mon
 @pytest.mark.parametrize("on", [True, False])
 def test_train_cascade_attention_config_picks_the_update_path(monkeypatch, on: bool) -> None:
     from guidedrl.core.config import load_config
-    from guidedrl.trainer.build import build_parts
-    from guidedrl.trainer.loop import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build
+    from guidedrl.trainer.loop import seed_everything
+    from guidedrl.trainer.step import StepState, train_step
 
     calls = _count_calls(monkeypatch)
     cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
@@ -172,6 +173,6 @@ def test_train_cascade_attention_config_picks_the_update_path(monkeypatch, on: b
                              "train.prompts_per_step=2", "train.skip_inert_rows=false",
                              f"train.cascade_attention={str(on).lower()}"])
     seed_everything(0)
-    metrics, _ = train_step(build_parts(cfg), StepState())
+    metrics, _ = train_step(build(cfg), StepState())
     assert "loss/policy" in metrics, "the update ran"
     assert bool(calls) == on

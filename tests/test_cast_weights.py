@@ -123,20 +123,21 @@ def test_the_copy_of_a_lora_policy_follows_its_adapters() -> None:
 
 
 def test_with_compiled_layers_the_copys_layers_are_compiled_too() -> None:
-    from guidedrl.trainer.build import build_parts
+    from guidedrl.trainer.build import build
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "train.compile_model=true"])
-    parts = build_parts(cfg)
-    for net in (parts.model, parts.engine.cast_weights.module):
+    parts = build(cfg)
+    for net in (parts.policy.model, parts.engine.cast_weights.module):
         layers = trunk_and_head(net)[0].layers
         assert all(layer._compiled_call_impl is not None for layer in layers)
 
 
 @pytest.mark.parametrize("on", [True, False])
 def test_training_parts_decode_from_the_copy_under_autocast_unless_turned_off(on: bool) -> None:
-    from guidedrl.trainer.build import build_parts
-    from guidedrl.trainer.loop import StepState, seed_everything, train_step
+    from guidedrl.trainer.build import build
+    from guidedrl.trainer.loop import seed_everything
+    from guidedrl.trainer.step import StepState, train_step
 
     cfg = load_config(None, ["model.path=tiny", "model.autocast=bfloat16", "data.eval=null", "eval.enabled=false",
                              "run.progress=false", "rollout.max_new_tokens=8", "rollout.group_size=4",
@@ -144,7 +145,7 @@ def test_training_parts_decode_from_the_copy_under_autocast_unless_turned_off(on
                              f"rollout.cast_weights_once={str(on).lower()}",
                              "reward.terms=[{name: 'helpers_rewards:sevens'}]"])
     seed_everything(0)
-    parts = build_parts(cfg)
+    parts = build(cfg)
     assert (parts.engine.cast_weights is not None) == on
     metrics, _ = train_step(parts, StepState())
     assert metrics["grad_norm"] > 0 and abs(metrics["ratio_mean"] - 1.0) < 2e-2, metrics["ratio_mean"]
@@ -152,5 +153,5 @@ def test_training_parts_decode_from_the_copy_under_autocast_unless_turned_off(on
         cw = parts.engine.cast_weights
         cw.refresh()
         assert all(torch.equal(b.weight, a.weight.detach().to(torch.bfloat16))
-                   for a, b in zip(_linears(parts.model), _linears(cw.module), strict=True))
+                   for a, b in zip(_linears(parts.policy.model), _linears(cw.module), strict=True))
     assert load_config(None, ["model.path=tiny"]).rollout.cast_weights_once  # on by default (only acts under autocast)

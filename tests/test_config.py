@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from pathlib import Path
 
 import pytest
@@ -75,7 +77,7 @@ def test_invalid_combinations_are_unrepresentable() -> None:
     with pytest.raises(ConfigError, match="needs `algo.value`"):
         validate({"algo": {"advantage": {"name": "gae"}}})
     with pytest.raises(ConfigError, match="teacher"):
-        validate({"guidance": {"source": "teacher"}})
+        validate({"guidance": {"injection": "prompt_hint", "source": "teacher"}})
     with pytest.raises(ConfigError, match="divisible"):
         validate({"train": {"prompts_per_step": 3}, "rollout": {"group_size": 3}, "algo": {"minibatches": 2}})
 
@@ -116,3 +118,57 @@ def test_cli_recipes_lists_descriptions(capsys: pytest.CaptureFixture[str]) -> N
     for name in ["grpo", "dapo", "guide_grpo", "luffy", "pope"]:
         line = next(ln for ln in out.splitlines() if ln.startswith(name + " "))
         assert len(line.split(None, 1)[1]) > 10
+
+
+# ----------------------------------------------------------------------------- guidance as a union
+
+
+INJECTION_FIELDS = {
+    # injection: (a field it uses, a field of another injection it must refuse)
+    "prompt_hint": ("template", "count"),
+    "response_prefix": ("prefix", "context"),
+    "replace": ("count", "members"),
+    "refine": ("bonus", "prefix"),
+    "guide_completes": ("switch", "members"),
+    "auxiliary": ("trigger", "offpolicy"),
+    "none": ("sft_stage", "members"),
+}
+
+
+@pytest.mark.parametrize("injection", sorted(INJECTION_FIELDS))
+def test_each_injection_rejects_fields_it_does_not_use(injection: str) -> None:
+    used, unused = INJECTION_FIELDS[injection]
+    base = {"injection": injection}
+    if injection in ("guide_completes",):
+        base["teachers"] = [{"path": "tiny"}]
+    if injection == "none":
+        base["sft_stage"] = {}
+    extra = {"auxiliary": {"algo": {"calibration": {}}}}.get(injection, {})
+    model = type(validate({"guidance": base, **extra}).guidance)
+    assert used in model.model_fields and unused not in model.model_fields
+    with pytest.raises(ConfigError, match=f"unknown key `guidance.{unused}`"):
+        validate({"guidance": {**base, unused: {}}, **extra})
+
+
+@pytest.mark.parametrize("tree, message", [
+    # a critique is feedback on an attempt: it is never shown as a prompt hint
+    ({"guidance": {"injection": "prompt_hint", "source": "critique"}}, "guidance.source"),
+    # the calibration term reads the expert the auxiliary injection attaches, and only that
+    ({"guidance": {"injection": "auxiliary"}}, "algo.calibration and guidance.injection `auxiliary`"),
+    ({"algo": {"calibration": {}}}, "algo.calibration and guidance.injection `auxiliary`"),
+    # only ppo_clip weights off-policy tokens; reinforce would train them as on-policy
+    ({"guidance": {"injection": "prompt_hint", "offpolicy": True}, "algo": {"loss": {"name": "reinforce"}}},
+     "does not weight off-policy tokens"),
+    # `members: all` meant G for one injection and 1 for another: replace has `count` instead
+    ({"guidance": {"injection": "replace", "members": "all"}}, "unknown key `guidance.members`"),
+    # behaviour `one` is an off-policy weighting choice
+    ({"guidance": {"injection": "prompt_hint", "behaviour": "one"}}, "set offpolicy true"),
+    # nothing produces SFT rows without the replace injection
+    ({"algo": {"ce_coef": 0.1}}, "algo.ce_coef"),
+    # teachers are read only by the teacher source
+    ({"guidance": {"injection": "prompt_hint", "teachers": [{"path": "tiny"}]}}, "teachers is set but source"),
+    ({"guidance": {"injection": "none"}}, "sft_stage"),
+])
+def test_silent_combinations_fail_at_load_time(tree: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(tree)

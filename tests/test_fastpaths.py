@@ -30,13 +30,16 @@ from guidedrl.trainer.batch import collate
 from guidedrl.core.config import RolloutConfig, load_config
 from guidedrl.nn.logprobs import token_logprobs
 from guidedrl.nn.models import render_prompt
-from guidedrl.trainer.build import build_parts
+from guidedrl.trainer.build import build
 from guidedrl.rollout.base import GenRequest
-from guidedrl.rollout.collect import Plan, to_completion
+from guidedrl.guidance.protocol import Plan
+from guidedrl.nn.prompts import Renderer
+from guidedrl.trainer.collect import to_completion
 from guidedrl.rollout.hf import HFEngine
 from guidedrl.rollout.sampling import inverse_cdf_sample
 from guidedrl.rollout.static import cascade_decode_attention
-from guidedrl.trainer.loop import StepState, seed_everything, train_step
+from guidedrl.trainer.loop import seed_everything
+from guidedrl.trainer.step import StepState, train_step
 from guidedrl.core.types import Sample
 
 
@@ -166,13 +169,13 @@ def test_static_decode_behaviour_logprobs_match_a_fresh_forward_and_are_seeded(t
     out = eng.generate(reqs, seed=1)
     assert [x.ids for x in _flat(out)] == [x.ids for x in _flat(eng.generate(reqs, seed=1))]
     assert [x.ids for x in _flat(out)] != [x.ids for x in _flat(eng.generate(reqs, seed=2))]
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     with torch.no_grad():
         lp = policy_outputs(model, b, temperature=0.7).logprobs
     sampled = b.mask > 0  # forced-prefix tokens carry 0.0, not a model log-prob
-    assert torch.allclose(lp[sampled], b.old_logprobs[sampled], atol=1e-4)
+    assert torch.allclose(lp[sampled], b.behaviour_logprobs[sampled], atol=1e-4)
 
 
 def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(tiny) -> None:
@@ -182,7 +185,7 @@ def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
     reqs = _reqs(tok)  # groups of 4, 3 (with a forced prefix) and 1, prompts of unequal length
     out = eng.generate(reqs, seed=3)
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     first, inverse = _shared_prompts(b)
@@ -213,7 +216,7 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0))
     reqs = _reqs(tok)
     out = eng.generate(reqs, seed=5)
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     b.advantages = torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(0)) * b.mask  # (B, R)
@@ -261,7 +264,7 @@ def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own
     model, tok = tiny
     reqs = _reqs(tok)
     out = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0)).generate(reqs, seed=5)
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     assert len({int(n) for n in b.response_mask.sum(-1)}) > 1  # ragged: trimming and sorting both act
@@ -269,9 +272,9 @@ def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own
         whole = policy_outputs(model, b).logprobs * b.response_mask  # (B, R)
     ref = reference_logprobs(model, b, 1.0, 3)
     assert ref.shape == whole.shape and torch.allclose(ref, whole, atol=1e-5)
-    b.old_logprobs = torch.zeros_like(whole)
+    b.behaviour_logprobs = torch.zeros_like(whole)
     recompute_old(model, b, Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12), 3)
-    assert torch.allclose(b.old_logprobs, whole, atol=1e-5)
+    assert torch.allclose(b.behaviour_logprobs, whole, atol=1e-5)
 
 
 def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None:
@@ -410,7 +413,7 @@ def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monke
     cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
                              "rollout.max_new_tokens=6", "rollout.group_size=2", "train.prompts_per_step=2"])
     seed_everything(0)
-    parts = build_parts(cfg)
+    parts = build(cfg)
     assert parts.ref is None
     train_step(parts, StepState())
     assert calls == []
@@ -425,7 +428,7 @@ def test_compiled_layers_give_the_eager_logprobs_and_gradients(tiny) -> None:
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=10, temperature=1.0))
     reqs = _reqs(tok)  # unequal prompts, a forced prefix, groups of 4, 3 and 1
     out = eng.generate(reqs, seed=4)
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1, prefix=reqs[i].prefix), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     weights = torch.randn(b.response_ids.shape, generator=torch.Generator().manual_seed(0))
@@ -480,7 +483,7 @@ def _grouped_batch(model, tok, seed: int):
     """A collated batch of 3 groups of 4 (unequal prompts) with random advantages on counted tokens."""
     reqs = _group_reqs(tok)
     out = HFEngine(model, tok, RolloutConfig(max_new_tokens=8, temperature=1.0)).generate(reqs, seed=seed)
-    comps = [to_completion(Sample(id=str(i), prompt=""), i, Plan(context=reqs[i].context, n=1), x, tok)
+    comps = [to_completion(Sample(id=str(i), prompt=""), i, Plan(gen_context=reqs[i].context, n=1), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id)
     b.advantages = torch.randn(b.mask.shape, generator=torch.Generator().manual_seed(seed)) * b.mask  # (B, R)
@@ -575,7 +578,7 @@ def test_compiled_layers_stay_compiled_past_dynamos_graph_limit(tiny, caplog) ->
         reqs = _group_reqs(tok)
         with caplog.at_level(logging.WARNING, logger="torch._dynamo"):
             out = HFEngine(model, tok, RolloutConfig(max_new_tokens=3)).generate(reqs, seed=0)  # prefill + decode
-            comps = [to_completion(Sample(id="s", prompt=""), i // 4, Plan(context=reqs[i // 4].context, n=1), x, tok)
+            comps = [to_completion(Sample(id="s", prompt=""), i // 4, Plan(gen_context=reqs[i // 4].context, n=1), x, Renderer(tok, chat=False))
                      for i, x in enumerate(_flat(out))]
             policy_outputs(model, collate(comps, tok.pad_token_id)).logprobs.sum().backward()  # the update
     assert torch._dynamo.config.recompile_limit == limit  # restored for later tests
@@ -596,7 +599,7 @@ def test_a_training_step_with_a_token_budget_matches_the_row_count_one(monkeypat
                                  "rollout.max_new_tokens=16", "rollout.group_size=4", "train.prompts_per_step=4",
                                  "train.micro_batch_size=16", "reward.terms=[{name: 'helpers_rewards:sevens'}]", *extra])
         seed_everything(0)
-        parts = build_parts(cfg)
+        parts = build(cfg)
         out[bool(extra)], _ = train_step(parts, StepState())
     assert len(cuts[0]) == 1 and len(cuts[1]) > 1  # one micro-batch of rows; several under the budget
     assert out[True]["grad_norm"] > 0

@@ -45,6 +45,8 @@ def test_estimators_are_nonnegative_where_they_should_be():
     assert bool((kl_estimate(logp, ref, "k3") >= 0).all())
 
 
-def test_unknown_estimator():
+def test_unknown_estimator_is_a_config_error():
+    from guidedrl.core.config import load_config
+
     with pytest.raises(ConfigError, match="algo.kl.estimator"):
-        kl_estimate(T([[0.0]]), T([[0.0]]), "k4")  # type: ignore[arg-type]
+        load_config(None, ["algo.kl.estimator=k4"])

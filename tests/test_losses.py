@@ -37,6 +37,7 @@ from guidedrl.core.config import (
     ReinforceLoss,
     ROVERLoss,
 )
+from guidedrl.core.config import load_config
 from guidedrl.core.errors import ConfigError
 from guidedrl.core.types import LossInputs
 
@@ -55,7 +56,7 @@ def row(ratios, advs, old=None, offpolicy=None, mask=None) -> LossInputs:
     old_t = torch.zeros(1, n) if old is None else T([old], dtype=torch.float32)
     logp = (old_t + torch.log(T([ratios]))).detach().requires_grad_()
     return LossInputs(
-        logprobs=logp, old_logprobs=old_t, advantages=T([advs], dtype=torch.float32),
+        logprobs=logp, behaviour_logprobs=old_t, advantages=T([advs], dtype=torch.float32),
         mask=torch.ones(1, n) if mask is None else T([mask], dtype=torch.float32),
         offpolicy=None if offpolicy is None else T([offpolicy]),
     )
@@ -120,8 +121,8 @@ def test_dual_clip_caps_negative_advantage_tokens():
     assert per_token(ppo_clip, inp, PPOClipLoss()) == pytest.approx([5.0, 2.0, 8.0, -1.2])
     torch.testing.assert_close(grad(ppo_clip, inp, cfg), T([0.0, 2.0, 0.0, 0.0]))
     assert ppo_clip(inp, cfg, summing(inp.mask)).metrics["clipfrac_dual"] == pytest.approx(0.5)
-    with pytest.raises(ConfigError, match="dual_clip"):
-        ppo_clip(inp, PPOClipLoss(dual_clip=0.5), summing(inp.mask))
+    with pytest.raises(ConfigError, match="algo.loss.dual_clip"):  # checked when the config loads
+        load_config(None, ["algo.loss.dual_clip=0.5"])
 
 
 def test_clip_false_is_the_plain_ratio():
@@ -136,11 +137,11 @@ def test_masked_tokens_get_exactly_zero_gradient():
     logp = T([[-0.5, 50.0, -1e4, -0.7], [-0.2, -0.1, float("-inf"), 30.0]]).requires_grad_()
     mask = T([[1.0, 0.0, 0.0, 1.0], [1.0, 1.0, 0.0, 0.0]])
     inp = LossInputs(
-        logprobs=logp, old_logprobs=torch.full((2, 4), -0.6), advantages=T([[1.0] * 4, [-2.0] * 4]), mask=mask,
+        logprobs=logp, behaviour_logprobs=torch.full((2, 4), -0.6), advantages=T([[1.0] * 4, [-2.0] * 4]), mask=mask,
         offpolicy=T([[False, False, False, True], [False, False, True, False]]),
     )
     for name in REDUCTIONS:
-        none = PPOClipLoss(offpolicy=OffPolicyWeight(kind="none"))
+        none = PPOClipLoss(offpolicy_weight=OffPolicyWeight(kind="none"))
         for cfg in (PPOClipLoss(), PPOClipLoss(clip=False, dual_clip=3.0), none):
             loss = ppo_clip(inp, cfg, build_reducer(ReduceConfig(name=name, constant=4.0), mask, 1.0)).loss
             (g,) = torch.autograd.grad(loss, logp)
@@ -154,7 +155,7 @@ def test_offpolicy_shaped_weight_value_and_gradient():
     # loss = -A * 0.75 = -1.5 for A = 2; d/dlogp = -A gamma p / (p + gamma)^2 = -2 * 0.03 / 0.16 = -0.375
     # on-policy token next to it (r = 1.35, A = 2): clipped at 1.2 -> -2.4, gradient 0
     inp = row([0.3, 1.35], [2.0, 2.0], offpolicy=[True, False])
-    cfg = PPOClipLoss(offpolicy=OffPolicyWeight(kind="shaped", gamma=0.1))
+    cfg = PPOClipLoss(offpolicy_weight=OffPolicyWeight(kind="shaped", gamma=0.1))
     assert per_token(ppo_clip, inp, cfg) == pytest.approx([-1.5, -2.4])
     torch.testing.assert_close(grad(ppo_clip, inp, cfg), T([-0.375, 0.0]))
     m = ppo_clip(inp, cfg, summing(inp.mask)).metrics
@@ -166,9 +167,9 @@ def test_offpolicy_kinds_none_and_ratio():
     # w = 1.35 on an off-policy token, A = 2. none: -A w = -2.7, unclipped (gradient -2.7).
     # ratio: clipped like on-policy: -A * 1.2 = -2.4, gradient 0.
     inp = row([1.35], [2.0], offpolicy=[True])
-    assert per_token(ppo_clip, inp, PPOClipLoss(offpolicy=OffPolicyWeight(kind="none"))) == pytest.approx([-2.7])
-    assert per_token(ppo_clip, inp, PPOClipLoss(offpolicy=OffPolicyWeight(kind="ratio"))) == pytest.approx([-2.4])
-    torch.testing.assert_close(grad(ppo_clip, inp, PPOClipLoss(offpolicy=OffPolicyWeight(kind="none"))), T([-2.7]))
+    assert per_token(ppo_clip, inp, PPOClipLoss(offpolicy_weight=OffPolicyWeight(kind="none"))) == pytest.approx([-2.7])
+    assert per_token(ppo_clip, inp, PPOClipLoss(offpolicy_weight=OffPolicyWeight(kind="ratio"))) == pytest.approx([-2.4])
+    torch.testing.assert_close(grad(ppo_clip, inp, PPOClipLoss(offpolicy_weight=OffPolicyWeight(kind="none"))), T([-2.7]))
 
 
 def test_percentile_gamma_guide_grpo():
@@ -178,7 +179,7 @@ def test_percentile_gamma_guide_grpo():
     # (ratio 1, A 1, clip off): -1. That token does not enter the quantile (if it did: 0.75).
     w = [0.1, 0.2, 0.3, 0.4, 0.5]
     inp = row(w + [1.0], [1.0] * 6, offpolicy=[True] * 5 + [False], old=[0.0] * 5 + [math.log(1 / 9.0)])
-    cfg = PPOClipLoss(clip=False, offpolicy=OffPolicyWeight(kind="shaped", gamma_percentile=0.9))
+    cfg = PPOClipLoss(clip=False, offpolicy_weight=OffPolicyWeight(kind="shaped", gamma_percentile=0.9))
     out = ppo_clip(inp, cfg, summing(inp.mask))
     assert out.metrics["offpolicy_gamma"] == pytest.approx(0.46)
     expected = -sum(x / (x + 0.46) for x in w) - 1.0
@@ -192,7 +193,7 @@ def test_percentile_gamma_guide_grpo():
 def test_percentile_gamma_is_clamped_at_gamma_min():
     # all w = 1e-6 -> quantile 1e-6 < gamma_min 1e-4 -> gamma = 1e-4
     inp = row([1e-6] * 3, [1.0] * 3, offpolicy=[True] * 3)
-    cfg = PPOClipLoss(offpolicy=OffPolicyWeight(gamma_percentile=0.9, gamma_min=1e-4))
+    cfg = PPOClipLoss(offpolicy_weight=OffPolicyWeight(gamma_percentile=0.9, gamma_min=1e-4))
     assert ppo_clip(inp, cfg, summing(inp.mask)).metrics["offpolicy_gamma"] == pytest.approx(1e-4)
 
 
@@ -207,7 +208,7 @@ def test_ppo_clip_micro_batches_equal_one_big_batch(name):
     off = torch.zeros(B, R, dtype=torch.bool)
     off[1], off[5, :3] = True, True
     adv = torch.randn(B, 1).expand(B, R) * mask
-    cfg = PPOClipLoss(eps_high=0.28, dual_clip=3.0, offpolicy=OffPolicyWeight(kind="shaped", gamma=0.1))
+    cfg = PPOClipLoss(eps_high=0.28, dual_clip=3.0, offpolicy_weight=OffPolicyWeight(kind="shaped", gamma=0.1))
     red = build_reducer(ReduceConfig(name=name, constant=float(R)), mask, 1.0)
 
     def loss(rows):
@@ -252,7 +253,7 @@ def test_reinforce_by_hand():
 def nft_inputs(ratios, rewards, groups, mask):
     logp = torch.log(T(ratios)).requires_grad_()
     return LossInputs(
-        logprobs=logp, old_logprobs=torch.zeros_like(logp), advantages=torch.zeros_like(logp), mask=T(mask),
+        logprobs=logp, behaviour_logprobs=torch.zeros_like(logp), advantages=torch.zeros_like(logp), mask=T(mask),
         rewards=T(rewards), group_ids=T(groups),
     )
 
@@ -306,8 +307,8 @@ def test_nft_normalize_and_neg_weight():
     # neg_weight 0 (RFT) drops negatives: a negative-only row gives 0
     neg = nft_inputs([[1.0], [0.5]], [1.0, 0.0], [0, 0], [[0.0], [1.0]])
     assert nft(neg, NFTLoss(neg_weight=0.0), summing_rows(neg.mask)).loss.item() == 0.0
-    with pytest.raises(ConfigError, match="neg_weight"):
-        nft(neg, NFTLoss(neg_weight=-1.0), summing_rows(neg.mask))
+    with pytest.raises(ConfigError, match="algo.loss.neg_weight"):
+        load_config(None, ["algo.loss={name: nft, neg_weight: -1.0}"])
 
 
 def test_nft_all_equal_group_is_clamped_not_nan():
@@ -365,7 +366,7 @@ def test_rover_by_hand():
     logp = T([[0.1, -0.2, 0.3]]).requires_grad_()
     vm = T([[7.0, 0.05, -0.04]]).requires_grad_()
     inp = LossInputs(logp, torch.zeros(1, 3), torch.full((1, 3), 0.5), torch.ones(1, 3),
-                     vocab_mean_logprobs=vm, old_vocab_mean_logprobs=torch.zeros(1, 3))
+                     vocab_mean_logprobs=vm, behaviour_vocab_mean=torch.zeros(1, 3))
     out = rover(inp, ROVERLoss(), build_reducer(ReduceConfig(), inp.mask, 1.0))
     assert out.loss.item() == pytest.approx(0.2260333, abs=1e-6)
     g_logp, g_vm = torch.autograd.grad(out.loss, [logp, vm], allow_unused=True)
@@ -377,8 +378,12 @@ def test_rover_by_hand():
 
 
 def test_rover_needs_vocab_means():
+    from guidedrl.algo.terms import LOSSES
+
+    assert LOSSES["rover"].needs.vocab_mean  # the update computes them for this loss (and only it)
+    assert not any(t.needs.vocab_mean for name, t in LOSSES.items() if name != "rover")
     inp = row([1.0], [1.0])
-    with pytest.raises(ValueError, match="vocab_mean"):
+    with pytest.raises(AssertionError, match="vocab_mean"):
         rover(inp, ROVERLoss(), summing(inp.mask))
 
 

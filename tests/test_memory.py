@@ -73,5 +73,5 @@ def test_build_parts_applies_the_setting_on_cpu(monkeypatch, flag):
     cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
                              "rollout.max_new_tokens=4", "rollout.group_size=2", "train.prompts_per_step=2",
                              f"train.keep_freed_memory={str(flag).lower()}"])
-    parts_mod.build_parts(cfg)
+    parts_mod.build(cfg)
     assert calls == ([1] if flag else [])

@@ -10,15 +10,16 @@ import pytest
 import torch
 
 from guidedrl.core.config import RECIPES_DIR, load_config
-from guidedrl.trainer.build import build_parts
-from guidedrl.trainer.loop import StepState, seed_everything, train_step
+from guidedrl.trainer.build import build
+from guidedrl.trainer.loop import seed_everything
+from guidedrl.trainer.step import StepState, train_step
 
 RECIPES = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
 TEACHER_OVERRIDES = {
     "ampo": ["guidance.teachers=[{path: tiny}, {path: tiny, temperature: 0.7}]"],
-    "rlgf_ppo_pp": ["guidance.teacher={path: tiny}"],
-    "rlgf_aggrevated": ["guidance.teacher={path: tiny}"],
-    "rlgf_d2lols": ["guidance.teacher={path: tiny}", "guidance.schedule.switch_step=1"],
+    "rlgf_ppo_pp": ["guidance.teachers=[{path: tiny}]"],
+    "rlgf_aggrevated": ["guidance.teachers=[{path: tiny}]"],
+    "rlgf_d2lols": ["guidance.teachers=[{path: tiny}]", "guidance.switch.step=1", "guidance.switch.to.teachers=[{path: tiny}]"],
 }
 
 
@@ -49,8 +50,8 @@ def tiny_overrides(data: Path) -> list[str]:
 def test_recipe_two_steps(name: str, data_file: Path) -> None:
     cfg = load_config(name, tiny_overrides(data_file) + TEACHER_OVERRIDES.get(name, []))
     seed_everything(0)
-    parts = build_parts(cfg)
-    before = {n: p.detach().clone() for n, p in parts.model.named_parameters() if p.requires_grad}
+    parts = build(cfg)
+    before = {n: p.detach().clone() for n, p in parts.policy.model.named_parameters() if p.requires_grad}
     st = StepState()
     if cfg.guidance is not None and cfg.guidance.sft_stage is not None:
         from guidedrl.trainer.sft import run_sft_stage
@@ -61,5 +62,5 @@ def test_recipe_two_steps(name: str, data_file: Path) -> None:
         st.step += 1
         assert flat and all(math.isfinite(metrics[k]) for k in metrics if k.startswith("loss/"))
         assert "loss/policy" in metrics
-    changed = [n for n, p in parts.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
+    changed = [n for n, p in parts.policy.model.named_parameters() if p.requires_grad and not torch.equal(before[n], p)]
     assert len(changed) >= 0.9 * len(before), f"only {len(changed)}/{len(before)} parameters changed"

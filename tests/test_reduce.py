@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from guidedrl.core import dist
 from guidedrl.algo.reduce import REDUCTIONS, build_reducer
 from guidedrl.core.config import ReduceConfig
+from guidedrl.core.config import load_config
 from guidedrl.core.errors import ConfigError
 
 T = torch.tensor
@@ -48,7 +49,7 @@ def test_default_constant_and_bad_constant():
     red = build_reducer(ReduceConfig(name="sum_over_constant"), MASK, default_constant=7.0)
     assert abs(float(red.tokens(LOSS, MASK)) - 7 / (2 * 7.0)) < 1e-6
     with pytest.raises(ConfigError, match="algo.reduce.constant"):
-        build_reducer(ReduceConfig(name="sum_over_constant", constant=0.0), MASK, default_constant=7.0)
+        load_config(None, ["algo.reduce={name: sum_over_constant, constant: 0.0}"])
 
 
 def test_masked_nan_and_inf_do_not_leak():

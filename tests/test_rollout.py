@@ -10,7 +10,9 @@ from guidedrl.core.config import RolloutConfig
 from guidedrl.nn.logprobs import policy_outputs
 from guidedrl.nn.models import render_prompt
 from guidedrl.rollout.base import GenRequest
-from guidedrl.rollout.collect import Plan, to_completion
+from guidedrl.guidance.protocol import Plan
+from guidedrl.nn.prompts import Renderer
+from guidedrl.trainer.collect import to_completion
 from guidedrl.rollout.hf import HFEngine
 from guidedrl.core.types import Sample
 
@@ -69,12 +71,12 @@ def test_behaviour_logprobs_match_a_fresh_forward(tiny) -> None:
         eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=temp, top_k=50, top_p=0.9))
         ctxs = _ctxs(tok)
         out = eng.generate([GenRequest(c, n=3) for c in ctxs], seed=1)
-        comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=ctxs[i], n=1), x, tok)
+        comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=ctxs[i], n=1), x, Renderer(tok, chat=False))
                  for i, g in enumerate(out) for x in g]
         b = collate(comps, tok.pad_token_id)
         with torch.no_grad():
             lp = policy_outputs(model, b, temperature=temp).logprobs
-        assert torch.allclose(lp * b.response_mask, b.old_logprobs, atol=1e-4)
+        assert torch.allclose(lp * b.response_mask, b.behaviour_logprobs, atol=1e-4)
 
 
 def test_same_seed_same_samples_other_seed_differs(tiny) -> None:
@@ -93,9 +95,9 @@ def test_forced_prefix_is_continued_and_masked(tiny) -> None:
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=6))
     ctx = _ctxs(tok)[0]
     prefix = tok("Start at 3.", add_special_tokens=False)["input_ids"]
-    plan = Plan(context=ctx, n=2, prefix=prefix, source="guided")
+    plan = Plan(gen_context=ctx, n=2, prefix=prefix, origin="guided")
     out = eng.generate([GenRequest(ctx, n=2, prefix=prefix)], seed=0)[0]
-    c = to_completion(Sample(id="s", prompt=""), 0, plan, out[0], tok)
+    c = to_completion(Sample(id="s", prompt=""), 0, plan, out[0], Renderer(tok, chat=False))
     assert c.ids[: len(prefix)] == prefix and c.text.startswith("Start at 3.")
     assert c.mask[: len(prefix)] == [0.0] * len(prefix) and all(m == 1.0 for m in c.mask[len(prefix):])
     assert c.logprobs[: len(prefix)] == [0.0] * len(prefix)

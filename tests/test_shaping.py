@@ -21,11 +21,13 @@ def test_overlong_penalty_by_hand():
     torch.testing.assert_close(overlong_penalty(T([81]), 100, 20, 1.0), T([-0.05]))
 
 
-def test_overlong_penalty_rejects_bad_cache_len():
+def test_bad_cache_len_is_a_config_error():
+    from guidedrl.core.config import load_config
+
     with pytest.raises(ConfigError, match="reward.overlong.cache_len"):
-        overlong_penalty(T([5]), 10, 0, 1.0)
+        load_config(None, ["reward.overlong={cache_len: 0}"])
     with pytest.raises(ConfigError, match="reward.overlong.cache_len"):
-        overlong_penalty(T([5]), 10, 11, 1.0)
+        load_config(None, ["reward.overlong={cache_len: 81}", "rollout.max_new_tokens=80"])
 
 
 def test_groups_with_signal_by_hand():

@@ -1,11 +1,13 @@
 """The algorithm registries: plain dicts from config names to pure functions, read only where the
-config is resolved. A new estimator or loss is one function plus one entry here."""
+config is resolved. A new estimator is one function plus one entry here; a new loss term one
+function plus one entry in `guidedrl.algo.terms` (LOSSES, TERMS)."""
 
 from __future__ import annotations
 
 from typing import Any, Callable, TypeVar
 
 from guidedrl.algo import advantages, kl, losses, reduce  # noqa: F401  (algo.kl etc. for callers)
+from guidedrl.algo.terms import LOSSES, TERMS, Needs, Term  # noqa: F401
 from guidedrl.core.errors import ConfigError
 
 ADVANTAGES: dict[str, Callable[..., Any]] = {
@@ -15,14 +17,6 @@ ADVANTAGES: dict[str, Callable[..., Any]] = {
     "lite_ppo": advantages.lite_ppo,
     "amplified": advantages.amplified,
     "gae": advantages.gae,
-}
-
-LOSSES: dict[str, Callable[..., Any]] = {
-    "ppo_clip": losses.ppo_clip,
-    "reinforce": losses.reinforce,
-    "nft": losses.nft,
-    "pacs": losses.pacs,
-    "rover": losses.rover,
 }
 
 F = TypeVar("F")

@@ -18,7 +18,6 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from guidedrl.core.errors import ConfigError
 
 K3_LOGRATIO_CLAMP = 20.0
 """|log pi_ref - log pi_theta| is clamped to this before exp (verl low_var_kl)."""
@@ -36,7 +35,6 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: Estimator) ->
         return -x
     if estimator == "k2":
         return 0.5 * x**2
-    if estimator == "k3":
-        x = x.clamp(-K3_LOGRATIO_CLAMP, K3_LOGRATIO_CLAMP)
-        return (torch.exp(x) - x - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)  # (B, R)
-    raise ConfigError(f"`algo.kl.estimator`: unknown estimator {estimator!r}; valid: k1, k2, k3")
+    assert estimator == "k3", f"unknown estimator {estimator!r} (the config allows k1, k2, k3)"
+    x = x.clamp(-K3_LOGRATIO_CLAMP, K3_LOGRATIO_CLAMP)
+    return (torch.exp(x) - x - 1.0).clamp(-K3_VALUE_CLAMP, K3_VALUE_CLAMP)  # (B, R)

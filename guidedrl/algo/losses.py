@@ -28,7 +28,6 @@ from guidedrl.core.config import (
     ReinforceLoss,
     ROVERLoss,
 )
-from guidedrl.core.errors import ConfigError
 from guidedrl.core.types import LossInputs, LossOutputs, Reducer
 
 LOGRATIO_CLAMP = 20.0
@@ -46,10 +45,10 @@ def _mean(x: Tensor, sel: Tensor) -> float:
 
 def _ratio(inp: LossInputs) -> tuple[Tensor, Tensor]:
     """-> (log-ratio, ratio), both (B, R), log-ratio clamped to +-LOGRATIO_CLAMP."""
-    assert inp.logprobs.shape == inp.old_logprobs.shape == inp.mask.shape, (
-        f"logprobs {tuple(inp.logprobs.shape)}, old {tuple(inp.old_logprobs.shape)}, mask {tuple(inp.mask.shape)}"
+    assert inp.logprobs.shape == inp.behaviour_logprobs.shape == inp.mask.shape, (
+        f"logprobs {tuple(inp.logprobs.shape)}, behaviour {tuple(inp.behaviour_logprobs.shape)}, mask {tuple(inp.mask.shape)}"
     )
-    logratio = (inp.logprobs - inp.old_logprobs).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)  # (B, R)
+    logratio = (inp.logprobs - inp.behaviour_logprobs).clamp(-LOGRATIO_CLAMP, LOGRATIO_CLAMP)  # (B, R)
     return logratio, logratio.exp()
 
 
@@ -59,20 +58,6 @@ def _approx_kl(logratio: Tensor, ratio: Tensor, sel: Tensor) -> float:
 
 
 # ----------------------------------------------------------------------------- PPO clip
-
-
-def _check_ppo(cfg: PPOClipLoss) -> None:
-    if not (0 <= cfg.eps_low < 1 and cfg.eps_high >= 0):
-        raise ConfigError(f"`algo.loss.eps_low` must be in [0, 1) and eps_high >= 0, got {cfg.eps_low}, {cfg.eps_high}")
-    if cfg.dual_clip is not None and cfg.dual_clip <= 1:
-        raise ConfigError(f"`algo.loss.dual_clip` must be > 1 (DAPO uses 10), got {cfg.dual_clip}")
-    off = cfg.offpolicy
-    if off.kind == "shaped" and off.gamma_percentile is None and off.gamma <= 0:
-        raise ConfigError(f"`algo.loss.offpolicy.gamma` must be > 0, got {off.gamma}")
-    if off.gamma_percentile is not None and not 0 <= off.gamma_percentile <= 1:
-        raise ConfigError(f"`algo.loss.offpolicy.gamma_percentile` must be in [0, 1], got {off.gamma_percentile}")
-    if off.gamma_percentile is not None and off.gamma_min <= 0:
-        raise ConfigError(f"`algo.loss.offpolicy.gamma_min` must be > 0, got {off.gamma_min}")
 
 
 def shaped_gamma(w: Tensor, sel: Tensor, cfg: OffPolicyWeight) -> Tensor:
@@ -103,11 +88,11 @@ def _clipped(ratio: Tensor, adv: Tensor, cfg: PPOClipLoss) -> tuple[Tensor, Tens
 def ppo_clip(inp: LossInputs, cfg: PPOClipLoss, reduce: Reducer) -> LossOutputs:
     """PPO clipped surrogate (Schulman et al. 2017, arXiv 1707.06347) with the field's variants.
 
-    On-policy tokens: -min(r A, clip(r, 1-eps_low, 1+eps_high) A), r = exp(logp - old_logp);
+    On-policy tokens: -min(r A, clip(r, 1-eps_low, 1+eps_high) A), r = exp(logp - behaviour_logp);
     eps_high > eps_low is DAPO's clip-higher; dual_clip c caps negative-advantage tokens at -A c
     (Ye et al. 2020, verl); clip=False gives -A r (LUFFY, Critique-GRPO "loss_remove_clip").
-    Tokens flagged `offpolicy` take cfg.offpolicy:
-    - shaped: -A w/(w+gamma), w = exp(logp - old_logp), unclipped. old_logp = 0 for teacher text
+    Tokens flagged `offpolicy` take cfg.offpolicy_weight:
+    - shaped: -A w/(w+gamma), w = exp(logp - behaviour_logp), unclipped. behaviour_logp = 0 for teacher text
       makes w = p: LUFFY/AMPO (gamma 0.1), HeRL (gamma 1). With a behaviour log-prob under a hinted
       context, w is Guide-GRPO's cross-context ratio; gamma_percentile=0.9 is its per-micro-batch
       percentile gamma (so that gamma, unlike everything else, depends on the micro-batching).
@@ -115,18 +100,17 @@ def ppo_clip(inp: LossInputs, cfg: PPOClipLoss, reduce: Reducer) -> LossOutputs:
     Metrics over on-policy counted tokens: clipfrac, clipfrac_dual, approx_kl (k3), ratio_mean;
     offpolicy_frac is the share of counted tokens that are off-policy.
     """
-    _check_ppo(cfg)
     mask = inp.mask > 0  # (B, R)
     logratio, ratio = _ratio(inp)
     adv = inp.advantages  # (B, R)
     loss, clipped, capped = _clipped(ratio, adv, cfg)
     off = torch.zeros_like(mask)
-    if inp.offpolicy is not None and cfg.offpolicy.kind != "ratio":
+    if inp.offpolicy is not None and cfg.offpolicy_weight.kind != "ratio":
         off = inp.offpolicy.bool() & mask  # (B, R)
     metrics: dict[str, float] = {"offpolicy_frac": _mean(off.float(), mask)}
     if bool(off.any()):
-        if cfg.offpolicy.kind == "shaped":
-            gamma = shaped_gamma(ratio, off, cfg.offpolicy)
+        if cfg.offpolicy_weight.kind == "shaped":
+            gamma = shaped_gamma(ratio, off, cfg.offpolicy_weight)
             weight = ratio / (ratio + gamma)  # (B, R) w/(w+gamma): d/dlogp = gamma w/(w+gamma)^2
             metrics["offpolicy_gamma"] = float(gamma)
         else:
@@ -149,8 +133,6 @@ def ppo_clip(inp: LossInputs, cfg: PPOClipLoss, reduce: Reducer) -> LossOutputs:
 def reinforce(inp: LossInputs, cfg: ReinforceLoss, reduce: Reducer) -> LossOutputs:
     """-A log pi_theta / (1 + tau): REINFORCE without ratio or clip; tau=1 is R3L's OPMD loss
     (Trinity-RFT opmd_policy_loss). Off-policy flags are ignored: every counted token is trained."""
-    if cfg.tau <= -1:
-        raise ConfigError(f"`algo.loss.tau` must be > -1, got {cfg.tau}")
     loss = -inp.advantages * inp.logprobs / (1.0 + cfg.tau)  # (B, R)
     logratio, ratio = _ratio(inp)
     mask = inp.mask > 0
@@ -180,7 +162,7 @@ def nft(inp: LossInputs, cfg: NFTLoss, reduce: Reducer) -> LossOutputs:
     """Negative-aware Fine-Tuning (Chen et al. 2025, arXiv 2505.18116; NVlabs/NFT dp_actor.py).
 
     y = 1[reward > 0] (rewards may be 0/1 or +-1: both map to y). r_q = the group's success rate
-    = (mean of +-1 rewards + 1)/2, clamped to [rhat_min, rhat_max]. R_t = exp(min(logp - old, cap)).
+    = (mean of +-1 rewards + 1)/2, clamped to [rhat_min, rhat_max]. R_t = exp(min(logp - behaviour, cap)).
     positive tokens: -log R_t;  negative tokens: -log STclamp((1 - r_q R_t) / (1 - r_q), min=1)
     where STclamp's forward is clamped and its gradient is the unclamped input's.
     tok = w_q [y l+ + neg_weight (1 - y) l-], w_q = 1 - r_q (normalize 1), sqrt((1-r_q)/r_q) (2), 1 (0).
@@ -189,16 +171,10 @@ def nft(inp: LossInputs, cfg: NFTLoss, reduce: Reducer) -> LossOutputs:
     exp). NFT's neg_weight < 0 switch to the DAPO loss is not copied: use loss ppo_clip for that.
     The paper reduces by sum/1000: use reduce sum_over_constant.
     """
-    if cfg.neg_weight < 0:
-        raise ConfigError("`algo.loss.neg_weight` must be >= 0 (NFT's -1 means the DAPO loss: use loss.name: ppo_clip)")
-    if not 0 < cfg.rhat_min <= cfg.rhat_max < 1:
-        raise ConfigError(
-            f"`algo.loss.rhat_min/rhat_max` must satisfy 0 < min <= max < 1, got {cfg.rhat_min}, {cfg.rhat_max}"
-        )
     assert inp.rewards is not None and inp.group_ids is not None, "nft needs LossInputs.rewards and group_ids"
     y = (inp.rewards > 0).to(inp.logprobs.dtype)  # (B,)
     rhat = group_stats(y, inp.group_ids)[0].clamp(cfg.rhat_min, cfg.rhat_max)  # (B,)
-    logratio = (inp.logprobs - inp.old_logprobs).clamp(-LOGRATIO_CLAMP, cfg.ratio_cap)  # (B, R)
+    logratio = (inp.logprobs - inp.behaviour_logprobs).clamp(-LOGRATIO_CLAMP, cfg.ratio_cap)  # (B, R)
     ratio = logratio.exp()
     pos = -logratio  # -log R_t
     r_q = rhat[:, None]  # (B, 1)
@@ -233,7 +209,7 @@ def _class_weights(y: Tensor, group_ids: Tensor, active: Tensor) -> Tensor:
 def pacs(inp: LossInputs, cfg: PACSLoss, reduce: Reducer) -> LossOutputs:
     """PACS (ritzz-ai/PACS pacs_core_algos.py): the outcome reward as a label for an implicit score.
 
-    r_i = beta sum_t (logp - old_logp) m_t (masked, unlike the original code); psi_i = r_i minus
+    r_i = beta sum_t (logp - behaviour_logp) m_t (masked, unlike the original code); psi_i = r_i minus
     the mean of r_j over the OTHER counted members of its group (RLOO; gradients flow through the
     baseline too); loss_i = w_i BCEWithLogits(psi_i, y_i), y_i = 1[reward > 0], w_i balanced per
     group (cfg.balanced); reduced with reduce.seqs (the original's mean over rows).
@@ -243,7 +219,7 @@ def pacs(inp: LossInputs, cfg: PACSLoss, reduce: Reducer) -> LossOutputs:
     assert inp.rewards is not None and inp.group_ids is not None, "pacs needs LossInputs.rewards and group_ids"
     mask = inp.mask > 0  # (B, R)
     active = mask.any(-1)  # (B,)
-    logratio = torch.where(mask, inp.logprobs - inp.old_logprobs, torch.zeros_like(inp.logprobs))  # (B, R)
+    logratio = torch.where(mask, inp.logprobs - inp.behaviour_logprobs, torch.zeros_like(inp.logprobs))  # (B, R)
     score = cfg.beta * logratio.sum(-1)  # (B,)
     mean, _, n = group_stats(score, inp.group_ids, active)
     a = active.to(score.dtype)
@@ -266,17 +242,17 @@ def pacs(inp: LossInputs, cfg: PACSLoss, reduce: Reducer) -> LossOutputs:
 def rover(inp: LossInputs, cfg: ROVERLoss, reduce: Reducer) -> LossOutputs:
     """ROVER (He et al. 2025, arXiv 2509.24981; tinnerhrhe/ROVER dp_actor.py, compute_rover_loss).
 
-    Q_t = rho (logp_t - old_logp_t); V_{t+1} = rho (vocab-mean log-softmax at t+1 under pi_theta
-    minus the same under pi_old), 0 after the last counted token, times next_q_scale;
+    Q_t = rho (logp_t - behaviour_logp_t); V_{t+1} = rho (vocab-mean log-softmax at t+1 under pi_theta
+    minus the same under the behaviour policy), 0 after the last counted token, times next_q_scale;
     loss_t = (Q_t - stopgrad(A_t + V_{t+1}))^2, reduced per token. The options use_rover_clip and
     response_level_rover_loss are not implemented.
     """
-    if inp.vocab_mean_logprobs is None or inp.old_vocab_mean_logprobs is None:
-        raise ValueError("rover needs vocab_mean_logprobs and old_vocab_mean_logprobs (ROVERLoss.needs)")
+    assert inp.vocab_mean_logprobs is not None and inp.behaviour_vocab_mean is not None, (
+        "rover needs vocab_mean_logprobs and behaviour_vocab_mean (its LOSSES entry asks for them)")
     mask = inp.mask > 0  # (B, R)
     logratio, ratio = _ratio(inp)
     q = cfg.rho * logratio  # (B, R)
-    v = cfg.rho * (inp.vocab_mean_logprobs - inp.old_vocab_mean_logprobs).detach()  # (B, R) V at each state
+    v = cfg.rho * (inp.vocab_mean_logprobs - inp.behaviour_vocab_mean).detach()  # (B, R) V at each state
     v_next = torch.zeros_like(v)
     v_next[:, :-1] = torch.where(mask[:, 1:], v[:, 1:], torch.zeros_like(v[:, 1:]))  # (B, R)
     target = (inp.advantages + cfg.next_q_scale * v_next).detach()  # (B, R)

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+from torch import Tensor
 
 
 def _check_nk(n: int, k: int) -> None:
@@ -98,3 +99,25 @@ def majority_at_k(
     winners = votes == votes.max(axis=1, keepdims=True)  # (S, J) the tied leaders
     value = (winners * worth).sum(axis=1) / winners.sum(axis=1)  # (S,)
     return float(value.mean())
+
+
+def logprob_agreement(logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor) -> dict[str, float]:
+    """How well the update's log-probs reproduce the rollout's on the same tokens: mean |log ratio|
+    and the share of tokens whose ratio exp(logp - behaviour_logp) is outside [0.9, 1.1].
+
+    logprobs, behaviour_logprobs, mask: (B, R); only tokens with mask > 0 count. Sampling and
+    training with the same weights and arithmetic gives 0 and 0; a serving engine with other kernels
+    does not (the reason stacks that sample with vLLM need importance corrections).
+
+    >>> import torch
+    >>> m = logprob_agreement(torch.tensor([[0.0, -1.0]]), torch.tensor([[0.0, -1.2]]), torch.ones(1, 2))
+    >>> round(m["policy/rollout_logratio_abs"], 6), m["policy/rollout_ratio_outside"]
+    (0.1, 0.5)
+    """
+    sel = mask > 0
+    n = int(sel.sum())
+    if n == 0:
+        return {}
+    d = (logprobs.detach() - behaviour_logprobs).float()[sel]  # (n,)
+    outside = (d.exp() < 0.9) | (d.exp() > 1.1)
+    return {"policy/rollout_logratio_abs": float(d.abs().mean()), "policy/rollout_ratio_outside": float(outside.float().mean())}

@@ -11,18 +11,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from guidedrl.core.errors import ConfigError
 
 
 def overlong_penalty(lengths: Tensor, max_len: int, cache_len: int, factor: float) -> Tensor:
     """lengths (B,) response lengths in tokens -> penalty (B,) <= 0, linear over the last `cache_len` tokens.
 
     0 for |o| <= max_len - cache_len, falling linearly to -factor at |o| = max_len.
+    Requires 1 <= cache_len <= max_len (checked when the config loads).
     """
-    if cache_len <= 0 or cache_len > max_len:
-        raise ConfigError(
-            f"`reward.overlong.cache_len` must be in 1..rollout.max_new_tokens ({max_len}), got {cache_len}"
-        )
+    assert 1 <= cache_len <= max_len, f"cache_len {cache_len} outside 1..{max_len}"
     exceed = lengths.to(torch.float32) - (max_len - cache_len)  # (B,)
     return torch.clamp(-exceed / cache_len * factor, max=0.0)
 

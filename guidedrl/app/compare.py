@@ -197,7 +197,7 @@ def comparison_tables(summaries: dict[str, list[dict[str, float]]]) -> list[Tabl
     head = ["recipe", "seeds", *(name for _, name in pk), "reward (last)", "train time (s)", "generated tokens",
             "guided share"]
     rows = [[label, str(len(runs)), *(col(runs, key) for key, _ in pk), col(runs, "reward/last"),
-             col(runs, "time/train", 1), col(runs, "tokens/generated", 0), col(runs, "guide/guided_share")]
+             col(runs, "time/train", 1), col(runs, "perf/tokens_generated", 0), col(runs, "guide/guided_share")]
             for label, runs in summaries.items()]
     tables = [TableData(head, rows, "Final results (mean ± std over seeds)")]
     if levels:

@@ -73,13 +73,13 @@ def summarize_run(rows: Rows) -> dict[str, float]:
     """One run's totals and final values.
 
     `steps`: training rows; `time/train`: sum of `time/step` (seconds, evaluation excluded);
-    `tokens/generated`: sum over steps; `guide/guided_share`: mean over steps; `reward/last`: the
+    `perf/tokens_generated`: sum over steps; `guide/guided_share`: mean over steps; `reward/last`: the
     last `reward/mean`; every `eval/...` key: its value at the last step it was logged, and as
     `before/eval/...` its value before training (step -1) when it was logged then.
     """
     train = [r for r in rows if r["step"] >= 0 and "reward/mean" in r]
     out: dict[str, float] = {"steps": float(len({r["step"] for r in train}))}
-    for key, how in (("time/step", "sum"), ("tokens/generated", "sum"), ("guide/guided_share", "mean")):
+    for key, how in (("time/step", "sum"), ("perf/tokens_generated", "sum"), ("guide/guided_share", "mean")):
         vals = series(train, key)[1]
         if vals:
             out["time/train" if key == "time/step" else key] = float(np.sum(vals) if how == "sum" else np.mean(vals))
@@ -124,8 +124,8 @@ PLOTS: list[PlotSpec] = [
     PlotSpec("pass1_by_level", "pass@1 vs step, per level", "pass@1", _level_keys, "eval/pass@1, eval/L<level>/pass@1"),
     PlotSpec("solved", "Solved-set growth", "share of training problems solved", _single("guide/solved_share"),
              "guide/solved_share"),
-    PlotSpec("entropy", "Policy entropy", "entropy (nats/token)", _single("entropy"), "entropy"),
-    PlotSpec("length", "Response length", "mean tokens", _single("len/mean"), "len/mean"),
+    PlotSpec("entropy", "Policy entropy", "entropy (nats/token)", _single("policy/entropy"), "policy/entropy"),
+    PlotSpec("length", "Response length", "mean tokens", _single("policy/len_mean"), "policy/len_mean"),
 ]
 
 
@@ -334,7 +334,7 @@ def run_sections(run_dir: Path, plots_dir: Path) -> list[Section]:
     """Summary, evaluation tables, plots (with skip notes) and the config of one run."""
     rows = read_metrics(run_dir)
     summ = summarize_run(rows)
-    digits = {"steps": 0, "tokens/generated": 0, "time/train": 1}
+    digits = {"steps": 0, "perf/tokens_generated": 0, "time/train": 1}
     table = TableData(["metric", "value"], [[k, fmt(v, digits.get(k, 3))] for k, v in summ.items()])
     sections = [Section("Summary", [f"run folder: {run_dir}"], [table])]
     sections += eval_sections(run_dir)

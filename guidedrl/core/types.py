@@ -2,9 +2,16 @@
 
 Sample -> (rollout) Completion -> (collate) Batch -> (per micro-batch) LossInputs -> LossOutputs.
 
-Every Completion carries what the loss needs (its contexts, mask, behaviour log-probs and
-whether its tokens are off-policy), so the trainer never needs to know which algorithm made it.
-Shapes: B = sequences in a (micro-)batch, R = response length (padded), T = full length.
+Every Completion carries what the loss needs (its generation and training contexts, loss mask,
+behaviour log-probs and whether its tokens are off-policy), so the trainer never needs to know
+which algorithm made it. Shapes: B = sequences in a (micro-)batch, R = response length (padded),
+T = full length.
+
+Names used everywhere: the *generation context* is what a response was sampled in (it may hold
+guidance text); the *training context* is what it is trained under (the same, or the plain prompt
+when guidance is stripped); *behaviour log-probs* are the log-probs of the sampled tokens under the
+policy that produced them (0 for text no model sampled); *guidance* is any text shown to help (a
+hint, part of a reference, a critique); a *teacher* is any helper model.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ from typing import Any, Literal, Protocol
 import torch
 from torch import Tensor
 
-Source = Literal["policy", "guided", "teacher", "reference"]
+Origin = Literal["policy", "guided", "teacher", "reference"]
+"""Who wrote a completion: the policy unguided, the policy under guidance, a teacher, the reference."""
 CORRECT = 1.0 - 1e-6
 """A reward at or above this counts as correct (full marks; partial credit below it)."""
 FinishReason = Literal["eos", "length", "stop"]
@@ -48,34 +56,35 @@ class Completion:
     sample: Sample
     group: int
     """Index of the group (one prompt, G completions) inside the step's batch."""
-    prompt_ids: list[int]
-    """The context the response was generated in (may contain a hint)."""
+    gen_context: list[int]
+    """The generation context: the ids the response was sampled in (may hold guidance text)."""
     ids: list[int]
     """Response token ids, including any teacher-forced prefix."""
-    logprobs: list[float]
-    """Behaviour log-probs of `ids` under `prompt_ids`; 0.0 for text not sampled from a model."""
+    behaviour_logprobs: list[float]
+    """Log-probs of `ids` under the policy that sampled them in `gen_context`; 0.0 for text no
+    model sampled (a teacher-forced prefix, a reference solution)."""
     text: str
     finish_reason: FinishReason
-    train_prompt_ids: list[int] | None = None
-    """The context the response is trained under; None means the same as `prompt_ids`."""
+    train_context: list[int] | None = None
+    """The training context; None means the generation context."""
     loss_mask: list[float] | None = None
     """Per response token: 1 trained, 0 no gradient (guide prefix, injected text). None = all 1."""
-    source: Source = "policy"
+    origin: Origin = "policy"
     offpolicy: bool = False
     """Its trained tokens take the off-policy weight (cross-context ratio or shaped w/(w+gamma))."""
     sft: bool = False
     """Its trained tokens also get the cross-entropy (SFT) term when `algo.ce_coef` > 0."""
     reward: float = 0.0
     reward_info: dict[str, Any] = field(default_factory=dict)
-    feedback: str | None = None
-    """Optional text feedback from a reward or critic (used by critique / multi-turn guidance)."""
-    token_extras: dict[str, list[float]] = field(default_factory=dict)
-    """Named per-response-token values a loss term needs (e.g. CalibRL's expert log-probs)."""
+    expert_logprobs: list[float] | None = None
+    """CalibRL: the policy's rollout-time log-probs of an expert sequence, aligned by position with
+    `ids` (0.0 past the expert's end); `expert_len` of them are real."""
+    expert_len: int = 0
 
     @property
-    def context_ids(self) -> list[int]:
-        """The context this completion is trained under."""
-        return self.prompt_ids if self.train_prompt_ids is None else self.train_prompt_ids
+    def context(self) -> list[int]:
+        """The training context (the generation context unless guidance was stripped)."""
+        return self.gen_context if self.train_context is None else self.train_context
 
     @property
     def mask(self) -> list[float]:
@@ -98,19 +107,20 @@ class Batch:
     response_ids: Tensor  # (B, R) long
     mask: Tensor  # (B, R) float loss mask (0 on padding too)
     response_mask: Tensor  # (B, R) float, 1 on every real response token (masked or not)
-    old_logprobs: Tensor  # (B, R) behaviour log-probs
+    behaviour_logprobs: Tensor  # (B, R) log-probs of the sampled tokens under the behaviour policy
     offpolicy: Tensor  # (B, R) bool
     sft: Tensor  # (B, R) bool
     rewards: Tensor  # (B,) float
     group_ids: Tensor  # (B,) long
-    onpolicy_rows: Tensor  # (B,) bool: source == "policy" and not offpolicy
+    onpolicy_rows: Tensor  # (B,) bool: origin == "policy" and not offpolicy
     recompute_rows: Tensor  # (B,) bool: trained under another context than sampled, without an IS weight
     advantages: Tensor | None = None  # (B, R)
     returns: Tensor | None = None  # (B, R) PPO value targets
     ref_logprobs: Tensor | None = None  # (B, R)
-    old_values: Tensor | None = None  # (B, R)
-    extras: dict[str, Tensor] = field(default_factory=dict)
-    """Named per-token tensors a loss asks for (e.g. ROVER's old vocab-mean log-prob)."""
+    old_values: Tensor | None = None  # (B, R) critic values at rollout time
+    behaviour_vocab_mean: Tensor | None = None  # (B, R) ROVER: the behaviour policy's mean log-softmax over the vocabulary
+    expert_logprobs: Tensor | None = None  # (B, R) CalibRL: rollout-time log-probs of the expert, by position
+    expert_mask: Tensor | None = None  # (B, R) 1 where the expert has a token
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -120,7 +130,6 @@ class Batch:
         for name, value in vars(self).items():
             if isinstance(value, Tensor):
                 setattr(self, name, value.to(device))
-        self.extras = {k: v.to(device) for k, v in self.extras.items()}
         return self
 
     def select(self, rows: Tensor | list[int]) -> "Batch":
@@ -129,7 +138,7 @@ class Batch:
         changes: dict[str, Any] = {
             name: value[idx] for name, value in vars(self).items() if isinstance(value, Tensor)
         }
-        return dataclasses.replace(self, **changes, extras={k: v[idx] for k, v in self.extras.items()})
+        return dataclasses.replace(self, **changes)
 
     def trimmed(self) -> "Batch":
         """The same rows without columns that are padding in every row: leading prompt columns no
@@ -145,15 +154,13 @@ class Batch:
         for name in _TOKEN_FIELDS:
             value = getattr(self, name)
             changes[name] = None if value is None else value[:, :keep_r]
-        return dataclasses.replace(
-            self, **changes, prompt_len=P - lead, extras={k: v[:, :keep_r] for k, v in self.extras.items()}
-        )
+        return dataclasses.replace(self, **changes, prompt_len=P - lead)
 
 
 _SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")
 """Batch fields laid out over the whole sequence: (B, P+R)."""
-_TOKEN_FIELDS = ("response_ids", "mask", "response_mask", "old_logprobs", "offpolicy", "sft",
-                 "advantages", "returns", "ref_logprobs", "old_values")
+_TOKEN_FIELDS = ("response_ids", "mask", "response_mask", "behaviour_logprobs", "offpolicy", "sft", "advantages",
+                 "returns", "ref_logprobs", "old_values", "behaviour_vocab_mean", "expert_logprobs", "expert_mask")
 """Batch fields laid out over the response tokens: (B, R); the rest are per row (B,) or scalars."""
 
 
@@ -177,20 +184,26 @@ class AdvantageOutputs:
 
 @dataclass
 class LossInputs:
-    """Per-token tensors for one micro-batch. New needs become fields here, not new signatures."""
+    """Per-token tensors of one micro-batch, what every loss term may read. Terms ignore fields
+    they do not need; a new need becomes a field here, not a new signature."""
 
     logprobs: Tensor  # (B, R) current policy log-probs of the response tokens
-    old_logprobs: Tensor  # (B, R) behaviour (or old-policy) log-probs
+    behaviour_logprobs: Tensor  # (B, R) behaviour log-probs (recomputed under the training context where needed)
     advantages: Tensor  # (B, R)
     mask: Tensor  # (B, R) float loss mask
     offpolicy: Tensor | None = None  # (B, R) bool: use the off-policy weight on these tokens
+    sft: Tensor | None = None  # (B, R) bool: tokens the cross-entropy term imitates
     rewards: Tensor | None = None  # (B,)
     group_ids: Tensor | None = None  # (B,)
+    entropy: Tensor | None = None  # (B, R) the policy's entropy at each response position
+    ref_logprobs: Tensor | None = None  # (B, R) reference-model log-probs
     values: Tensor | None = None  # (B, R) current critic values
     old_values: Tensor | None = None  # (B, R)
     returns: Tensor | None = None  # (B, R)
     vocab_mean_logprobs: Tensor | None = None  # (B, R) mean over vocab of log-softmax (ROVER)
-    old_vocab_mean_logprobs: Tensor | None = None  # (B, R)
+    behaviour_vocab_mean: Tensor | None = None  # (B, R)
+    expert_logprobs: Tensor | None = None  # (B, R) CalibRL's expert, aligned by position
+    expert_mask: Tensor | None = None  # (B, R)
 
 
 @dataclass

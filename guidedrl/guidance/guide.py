@@ -1,95 +1,103 @@
-"""ComposedGuide: one Guide built from a choice on each axis of GuidanceConfig.
+"""ComposedGuide: one Guide built from a choice on each axis of the guidance config.
 
 Before sampling (`plan`), triggers that need no rewards (always, probability, offline hard set)
 decide the contexts: a hint in the prompt or a teacher-forced reference prefix, for all, k or a
 graded share of the G members. After scoring (`revise`), reward-based triggers (all-fail group,
 best below a threshold) re-sample the group guided (with escalation), replace members with
-guidance completions, add a refinement, let a guide model complete the policy's prefix, or attach
-an expert sequence for the calibration term. Every completion it makes records its source, its
+guidance completions, add a refinement, let a teacher complete the policy's prefix, or attach an
+expert sequence for the calibration term. Every completion it makes records its origin, its
 generation and training contexts, its loss mask and whether its tokens are off-policy.
+
+Both hooks are programs over all groups of the step at once (`gather`), so their asks are batched.
 """
 
 from __future__ import annotations
 
-import random
 from typing import Any
 
-from guidedrl.guidance import inject
-from guidedrl.core.config.guidance import GuidanceConfig
-from guidedrl.guidance.pieces import fires, graded_share, schedule_strength
-from guidedrl.rollout.collect import Plan, RolloutContext, generate_plans, score
+from guidedrl.core.config import GuideCompletes, GuidanceConfig, PromptHint, ResponsePrefix
 from guidedrl.core.types import CORRECT, Completion, Sample
+from guidedrl.guidance import inject
+from guidedrl.guidance.inject import Kit
+from guidedrl.guidance.pieces import fires, graded_share, schedule_strength
+from guidedrl.guidance.protocol import Generate, Plan, Program, StepInfo, Teacher, done, gather
+from guidedrl.guidance.refine import refine
+from guidedrl.nn.prompts import Renderer
 
-PRE = ("always", "probability", "offline_hard")
-PRE_INJECTIONS = ("prompt_hint", "response_prefix")
+INJECTIONS = {
+    "prompt_hint": inject.resample, "response_prefix": inject.resample, "replace": inject.replace,
+    "refine": refine, "guide_completes": inject.guide_completes, "auxiliary": inject.auxiliary,
+}
+"""The program of each injection, applied to a triggered group after scoring."""
 
 
 class ComposedGuide:
-    """Implements the Guide protocol (plan / revise / metrics / state) from a GuidanceConfig."""
+    """Implements the Guide protocol (plan / revise / metrics / state) from a guidance config."""
 
-    def __init__(self, cfg: GuidanceConfig, teachers: list[Any] | None = None) -> None:
+    def __init__(self, cfg: GuidanceConfig, renderer: Renderer, group_size: int, teachers: list[Teacher] | None = None,
+                 switch_teachers: list[Teacher] | None = None) -> None:
         self.cfg = cfg
+        self.renderer = renderer
+        self.group_size = group_size
         self.teachers = teachers or []
+        self.switch_teachers = switch_teachers or []
         self.hard: dict[str, bool] = {}
         self._groups = 0
         self._triggered = 0
 
-    # ------------------------------------------------------------------ protocol
+    def active(self, step: int) -> tuple[GuidanceConfig, list[Teacher]]:
+        """The config in force at `step` and its teachers (D2LOLS switches the injection at switch.step)."""
+        sw = self.cfg.switch if isinstance(self.cfg, GuideCompletes) else None
+        if sw is not None and step >= sw.step:
+            return sw.to, self.switch_teachers
+        return self.cfg, self.teachers
 
-    def active(self, step: int) -> GuidanceConfig:
-        """The config in force at `step` (D2LOLS switches the injection at schedule.switch_step)."""
-        c = self.cfg
-        if c.after_switch is not None and c.schedule.kind == "phase" and step >= c.schedule.switch_step:
-            return c.model_copy(update={"injection": c.after_switch})
-        return c
+    def plan(self, samples: list[Sample], info: StepInfo) -> Program[list[list[Plan] | None]]:
+        c, teachers = self.active(info.step)
+        if not (c.trigger.before_sampling and isinstance(c, (PromptHint, ResponsePrefix))):
+            return [None] * len(samples)
+        strength = schedule_strength(c.schedule, info.step, info.total_steps)
+        on = yield from self._fires_before(c, samples, info, strength)
+        self._groups += len(samples)
+        self._triggered += sum(on)
+        kit = Kit(self.renderer, teachers, info.rng)
+        return (yield from gather([self._plan_one(c, s, kit, strength) if hit else done(None)
+                                   for s, hit in zip(samples, on, strict=True)]))
 
-    def _strength(self, ctx: RolloutContext) -> float:
-        return schedule_strength(self.cfg.schedule, ctx.step, ctx.total_steps, self.cfg.after_switch is not None)
-
-    def plan(self, sample: Sample, ctx: RolloutContext) -> list[Plan] | None:
-        c = self.active(ctx.step)
-        if c.trigger.kind not in PRE or c.injection not in PRE_INJECTIONS:
-            return None
-        self._groups += 1
-        strength = self._strength(ctx)
-        on = self._pre_fires(sample, ctx, strength)
-        if not on:
-            return None
-        self._triggered += 1
-        G = ctx.group_size
-        plain = Plan(context=ctx.render(sample, None), n=1)
+    def _plan_one(self, c: PromptHint | ResponsePrefix, sample: Sample, kit: Kit, strength: float) -> Program[list[Plan] | None]:
+        G = self.group_size
+        plain = Plan(gen_context=self.renderer.render(sample), n=1)
         if c.members == "graded":
-            return [inject.guided_plan(c, sample, ctx, graded_share(i, G) * strength, ctx.rng, teachers=self.teachers) or plain
-                    for i in range(G)]
+            shares = [graded_share(i, G) * strength for i in range(G)]
+            plans = yield from gather([inject.guided_plan(c, sample, kit, s) for s in shares])
+            return [p or plain for p in plans]
         k = G if c.members == "all" else min(int(c.members), G)
-        guided = inject.guided_plan(c, sample, ctx, strength, ctx.rng, teachers=self.teachers)
+        guided = yield from inject.guided_plan(c, sample, kit, strength)
         if guided is None:
             return None
-        plans = [_with_n(guided, k)] + ([_with_n(plain, G - k)] if G - k else [])
+        plans = [guided.with_n(k)] + ([plain.with_n(G - k)] if G - k else [])
         if c.keep_unguided:
-            plans.append(_with_n(plain, G))
+            plans.append(plain.with_n(G))
         return plans
 
-    def revise(self, groups: list[list[Completion]], ctx: RolloutContext) -> list[list[Completion]]:
-        c = self.active(ctx.step)
+    def revise(self, groups: list[list[Completion]], info: StepInfo) -> Program[list[list[Completion]]]:
+        c, teachers = self.active(info.step)
         if c.injection == "none":
             return groups
-        if c.trigger.kind in PRE and c.injection in PRE_INJECTIONS:
-            return [part for g in groups for part in self._split_versions(g)] if c.keep_unguided else groups
-        strength = self._strength(ctx)
-        out: list[list[Completion]] = []
-        for g in groups:
-            self._groups += 1
-            sample = g[0].sample
-            pre = c.trigger.kind in PRE
-            on = self._pre_fires(sample, ctx, strength) if pre else fires(c.trigger, g, ctx.rng, strength)
-            if not on:
-                out.append(g)
-                continue
-            self._triggered += 1
-            new = inject.apply(c, g, ctx, self.teachers, strength)
-            out.extend(new)
-        return out
+        if c.trigger.before_sampling and isinstance(c, (PromptHint, ResponsePrefix)):  # planned before sampling
+            return [part for g in groups for part in _split_versions(g)] if c.keep_unguided else groups
+        strength = schedule_strength(c.schedule, info.step, info.total_steps)
+        if c.trigger.before_sampling:
+            on = yield from self._fires_before(c, [g[0].sample for g in groups], info, strength)
+        else:
+            on = [fires(c.trigger, g, info.rng, strength) for g in groups]
+        self._groups += len(groups)
+        self._triggered += sum(on)
+        kit = Kit(self.renderer, teachers, info.rng)
+        apply = INJECTIONS[c.injection]
+        outs = yield from gather([apply(c, g, kit, strength) if hit else done([g])  # type: ignore[arg-type]
+                                  for g, hit in zip(groups, on, strict=True)])
+        return [part for out in outs for part in out]
 
     def metrics(self) -> dict[str, float]:
         rate = self._triggered / self._groups if self._groups else 0.0
@@ -105,38 +113,25 @@ class ComposedGuide:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.hard = dict(state.get("hard", {}))
 
-    # ------------------------------------------------------------------ helpers
-
-    def _pre_fires(self, sample: Sample, ctx: RolloutContext, strength: float) -> bool:
-        t = self.cfg.trigger
+    def _fires_before(self, c: GuidanceConfig, samples: list[Sample], info: StepInfo, strength: float) -> Program[list[bool]]:
+        """Triggers decided without the group's rewards. The offline hard set is decided the first
+        time a prompt is seen: no correct answer in `hard_samples` unguided tries of the policy as it
+        is then (POPE uses pass@k = 0 of the base); new prompts of a step are tried in one batch."""
+        t = c.trigger
         if t.kind == "always":
-            return strength > 0
+            return [strength > 0] * len(samples)
         if t.kind == "probability":
-            return ctx.rng.random() < t.p * strength
-        if sample.id not in self.hard:
-            self.hard[sample.id] = self._is_hard(sample, ctx)
-        return self.hard[sample.id] and strength > 0
-
-    def _is_hard(self, sample: Sample, ctx: RolloutContext) -> bool:
-        """Offline hard set, decided the first time a prompt is seen: no correct answer in
-        `hard_samples` unguided tries of the policy as it is then (POPE uses pass@k = 0 of the base)."""
-        plan = Plan(context=ctx.render(sample, None), n=self.cfg.trigger.hard_samples)
-        tries = generate_plans([(sample, 0, plan)], ctx, seed=ctx.rng.randrange(2**31))
-        score(tries, ctx)
-        return all(c.reward < CORRECT for c in tries)
-
-    @staticmethod
-    def _split_versions(group: list[Completion]) -> list[list[Completion]]:
-        """POPE-style guided / unguided versions of one prompt get separate group statistics."""
-        guided = [c for c in group if c.source != "policy"]
-        plain = [c for c in group if c.source == "policy"]
-        return [part for part in (guided, plain) if part]
+            return [info.rng.random() < t.p * strength for _ in samples]
+        new = list({s.id: s for s in samples if s.id not in self.hard}.values())
+        if new:
+            tries = yield Generate([(s, 0, Plan(gen_context=self.renderer.render(s), n=t.hard_samples)) for s in new])
+            for s, got in zip(new, tries, strict=True):
+                self.hard[s.id] = all(x.reward < CORRECT for x in got)
+        return [self.hard[s.id] and strength > 0 for s in samples]
 
 
-def _with_n(p: Plan, n: int) -> Plan:
-    return Plan(context=p.context, n=n, prefix=p.prefix, train_context=p.train_context,
-                source=p.source, offpolicy=p.offpolicy, meta=dict(p.meta))
-
-
-def seeded_rng(seed: int) -> random.Random:
-    return random.Random(seed)
+def _split_versions(group: list[Completion]) -> list[list[Completion]]:
+    """POPE-style guided / unguided versions of one prompt get separate group statistics."""
+    guided = [x for x in group if x.origin != "policy"]
+    plain = [x for x in group if x.origin == "policy"]
+    return [part for part in (guided, plain) if part]

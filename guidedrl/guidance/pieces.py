@@ -10,12 +10,12 @@ from typing import Any
 from guidedrl.core.config.guidance import Prefix, Schedule, Trigger
 from guidedrl.core.types import CORRECT, Completion, Sample
 
-def schedule_strength(s: Schedule, step: int, total_steps: int, switches: bool = False) -> float:
+
+def schedule_strength(s: Schedule, step: int, total_steps: int) -> float:
     """Guidance strength in [0, 1] at `step`.
 
     sigmoid_decay (RuscaRL): 1 / (1 + exp((x - midpoint) * steepness)), x = step / (total - 1).
-    linear_decay: 1 - x. phase: 1 before `switch_step`, 0 from it on (1 throughout when the phase
-    switches the injection instead, `switches`). fixed: 1.
+    linear_decay: 1 - x. phase: 1 before `switch_step`, 0 from it on. fixed: 1.
     """
     x = step / max(1, total_steps - 1)
     if s.kind == "fixed":
@@ -23,7 +23,7 @@ def schedule_strength(s: Schedule, step: int, total_steps: int, switches: bool =
     if s.kind == "linear_decay":
         return max(0.0, 1.0 - x)
     if s.kind == "phase":
-        return 1.0 if (switches or step < s.switch_step) else 0.0
+        return 1.0 if step < s.switch_step else 0.0
     z = (x - s.midpoint) * s.steepness
     return 0.0 if z > 700 else 1.0 / (1.0 + math.exp(z))
 

@@ -1,73 +1,67 @@
-"""Teachers / guide models: a local model (its own tokenizer and engine) or a remote endpoint.
-Both speak text, so a teacher need not share the policy's tokenizer."""
+"""Teachers (guide, helper models): a local model with its own tokenizer and engine, or a remote
+OpenAI-compatible endpoint. Both speak text, so a teacher need not share the policy's tokenizer.
+Requests are answered in batches (`complete_batch`): one engine call for a round of a step."""
 
 from __future__ import annotations
 
 import math
-from typing import Any
 
-from guidedrl.core.config import ModelConfig, RolloutConfig
-from guidedrl.core.config.guidance import Teacher
-from guidedrl.rollout.base import GenRequest
-from guidedrl.rollout.collect import RolloutContext
+from guidedrl.core.config import ModelConfig, RolloutConfig, Teacher as TeacherConfig
 from guidedrl.core.types import Sample
+from guidedrl.guidance.protocol import LogProbs, Program, Teacher
+from guidedrl.nn.models import load_model, load_tokenizer, use_chat
+from guidedrl.nn.prompts import Renderer
+from guidedrl.rollout.base import GenRequest
+from guidedrl.rollout.hf import HFEngine
+from guidedrl.rollout.remote import RemoteClient
 
 
 class LocalTeacher:
     """A local causal LM sampled with the transformers engine."""
 
-    def __init__(self, cfg: Teacher, rollout: RolloutConfig, device: str = "auto") -> None:
-        from guidedrl.nn.models import load_model, load_tokenizer, use_chat
-        from guidedrl.rollout.hf import HFEngine
-
+    def __init__(self, cfg: TeacherConfig, rollout: RolloutConfig, device: str = "auto") -> None:
         mcfg = ModelConfig(path=cfg.path or "", device=device)
-        self.tokenizer = load_tokenizer(mcfg)
-        self.model = load_model(mcfg, self.tokenizer, trainable=False)
-        self.chat = use_chat(mcfg, self.tokenizer)
+        tok = load_tokenizer(mcfg)
+        self.model = load_model(mcfg, tok, trainable=False)
+        self.renderer = Renderer(tok, chat=use_chat(mcfg, tok))
         r = rollout.model_copy(update={"temperature": cfg.temperature, "max_new_tokens": cfg.max_new_tokens or rollout.max_new_tokens})
-        self.engine = HFEngine(self.model, self.tokenizer, r)
+        self.engine = HFEngine(self.model, tok, r)
 
-    def complete(self, sample: Sample, *, n: int = 1, seed: int = 0, prefix: str = "") -> list[str]:
-        """n continuations of `prefix` as the teacher's answer to `sample` (text, prefix excluded)."""
-        from guidedrl.nn.models import render_prompt
-
-        ctx = render_prompt(self.tokenizer, sample, chat=self.chat)
-        pre = list(self.tokenizer(prefix, add_special_tokens=False)["input_ids"]) if prefix else []
-        gens = self.engine.generate([GenRequest(context=ctx, n=n, prefix=pre)], seed=seed)[0]
-        return [g.text for g in gens]
+    def complete_batch(self, requests: list[tuple[Sample, str, int]], seed: int) -> list[list[str]]:
+        """For each (sample, prefix, n): n continuations of `prefix` as the teacher's answer (prefix excluded)."""
+        reqs = [GenRequest(context=self.renderer.render(s), n=n, prefix=self.renderer.encode(prefix) if prefix else [])
+                for s, prefix, n in requests]
+        return [[g.text for g in gens] for gens in self.engine.generate(reqs, seed=seed)]
 
 
 class RemoteTeacher:
     """A teacher behind an OpenAI-compatible /v1/completions endpoint."""
 
-    def __init__(self, cfg: Teacher, max_new_tokens: int) -> None:
-        from guidedrl.rollout.remote import RemoteClient
-
+    def __init__(self, cfg: TeacherConfig, max_new_tokens: int) -> None:
         assert cfg.url is not None
         self.client = RemoteClient(cfg.url, cfg.model_name, cfg.api_key_env)
         self.temperature = cfg.temperature
         self.max_tokens = cfg.max_new_tokens or max_new_tokens
 
-    def complete(self, sample: Sample, *, n: int = 1, seed: int = 0, prefix: str = "") -> list[str]:
-        return self.client.complete(sample.prompt + prefix, n=n, max_tokens=self.max_tokens,
-                                    temperature=self.temperature, seed=seed)
+    def complete_batch(self, requests: list[tuple[Sample, str, int]], seed: int) -> list[list[str]]:
+        return [self.client.complete(s.prompt + prefix, n=n, max_tokens=self.max_tokens, temperature=self.temperature,
+                                     seed=seed + i) for i, (s, prefix, n) in enumerate(requests)]
 
 
-def build_teachers(cfgs: list[Teacher], rollout: RolloutConfig) -> list[Any]:
+def build_teachers(cfgs: list[TeacherConfig], rollout: RolloutConfig) -> list[Teacher]:
     return [RemoteTeacher(t, rollout.max_new_tokens) if t.url else LocalTeacher(t, rollout) for t in cfgs]
 
 
-def comprehension(trace: str, sample: Sample, context: list[int], ctx: RolloutContext) -> float:
-    """AMPO / RLPR: mean probability the policy gives the ground-truth answer tokens after reading
-    the teacher's reasoning (the trace with its final answer removed)."""
-    if ctx.logprobs is None or not sample.answer or sample.answer not in trace:
-        return 0.0
-    reasoning = trace[: trace.rindex(sample.answer)]
-    lps = ctx.logprobs(context + ctx.encode(reasoning), ctx.encode(sample.answer))
-    return sum(math.exp(x) for x in lps) / max(1, len(lps))
-
-
-def rank_traces(traces: list[str], sample: Sample, context: list[int], ctx: RolloutContext) -> list[str]:
-    """Teacher traces, best-comprehended first (AMPO's best_k selection)."""
-    scored = [(comprehension(t, sample, context, ctx), i, t) for i, t in enumerate(traces)]
-    return [t for _, _, t in sorted(scored, key=lambda x: (-x[0], x[1]))]
+def rank_traces(traces: list[str], sample: Sample, context: list[int], renderer: Renderer) -> Program[list[str]]:
+    """Teacher traces, best-comprehended first (AMPO's best_k selection): comprehension is the mean
+    probability the policy gives the ground-truth answer tokens after reading the teacher's
+    reasoning (the trace with its final answer removed); a trace without the answer scores 0."""
+    answer = sample.answer
+    usable = [i for i, t in enumerate(traces) if answer and answer in t]
+    pairs = [(context + renderer.encode(traces[i][: traces[i].rindex(answer)]), renderer.encode(answer))  # type: ignore[arg-type]
+             for i in usable]
+    lps = (yield LogProbs(pairs)) if pairs else []
+    score = [0.0] * len(traces)
+    for i, lp in zip(usable, lps, strict=True):
+        score[i] = sum(math.exp(x) for x in lp) / max(1, len(lp))
+    return [traces[i] for i in sorted(range(len(traces)), key=lambda i: (-score[i], i))]

@@ -28,7 +28,6 @@ class PolicyOutputs:
     entropy: Tensor | None = None  # (B, R)
     vocab_mean_logprobs: Tensor | None = None  # (B, R) mean over the vocabulary of log-softmax (ROVER)
     values: Tensor | None = None  # (B, R) critic values from the value head
-    hidden: Tensor | None = None  # (B, R, H) when asked (value head on a detached trunk)
 
 
 def _shared_prompts(batch: Batch) -> tuple[Tensor, Tensor] | None:

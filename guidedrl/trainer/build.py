@@ -1,77 +1,63 @@
-"""Build everything a run needs from the config, once, at the boundary (registries are read here)."""
+"""Build everything a run needs from the config, once, in one pass, at the boundary (registries
+are read here): the policy and its renderer, the reference, the engine, data, reward, guide,
+objective and optimizer."""
 
 from __future__ import annotations
 
-import random
-import time
+import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from guidedrl.core.config import Config
+from guidedrl.core.types import Sample
 from guidedrl.data import load_samples
 from guidedrl.data.loaders import balanced_head
+from guidedrl.data.select import UniformSelector
 from guidedrl.data.tasks import default_reward
-from guidedrl.trainer.memory import keep_freed_memory
-from guidedrl.nn.models import compile_layers, load_model, load_policy, render_prompt, use_chat
+from guidedrl.guidance import build_guide
+from guidedrl.guidance.protocol import Guide
+from guidedrl.nn.models import compile_layers, load_model, load_policy, use_chat
+from guidedrl.nn.prompts import Renderer
 from guidedrl.rewards import build_reward
-from guidedrl.rollout.collect import Guide, RolloutContext
 from guidedrl.rollout.hf import HFEngine
 from guidedrl.rollout.weights import decode_copy
-from guidedrl.data.select import UniformSelector
-from guidedrl.core.types import Sample
-from guidedrl.trainer.update import Objective
+from guidedrl.trainer.collect import PolicyServices, RewardTimer
+from guidedrl.trainer.memory import keep_freed_memory
+from guidedrl.trainer.objective import Objective
+from guidedrl.trainer.update import Optim
 
 
-class RewardTimer:
-    """Wraps the reward call to time it separately from generation."""
+@dataclass(frozen=True)
+class Policy:
+    """The model being trained, how its prompts are rendered, and its critic head (PPO)."""
 
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.fn = fn
-        self.seconds = 0.0
-
-    def reset(self) -> None:
-        self.seconds = 0.0
-
-    def __call__(self, samples: list[Sample], texts: list[str]) -> Any:
-        t0 = time.perf_counter()
-        try:
-            return self.fn(samples, texts)
-        finally:
-            self.seconds += time.perf_counter() - t0
-
-
-@dataclass
-class Parts:
-    cfg: Config
     model: nn.Module
-    tokenizer: Any
-    ref: nn.Module | None
+    renderer: Renderer
     value_head: nn.Module | None
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Everything a run needs, built by `build` in one pass."""
+
+    cfg: Config
+    policy: Policy
+    ref: nn.Module | None
     engine: HFEngine
-    ctx: RolloutContext
+    services: PolicyServices
     selector: UniformSelector
     guide: Guide | None
     objective: Objective
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    params: list[nn.Parameter]
-    reward_timer: RewardTimer
+    optim: Optim
     eval_samples: list[Sample]
-    chat: bool
-    last_ids: list[str] = field(default_factory=list)
-
-    def render(self, sample: Sample, hint: str | None = None) -> list[int]:
-        return render_prompt(self.tokenizer, sample, chat=self.chat, system_prompt=self.cfg.model.system_prompt, hint=hint)
 
 
 def lr_lambda(kind: str, warmup: int, total: int) -> Callable[[int], float]:
     """Multiplier of the base lr at optimizer step s: linear warmup, then constant / cosine / linear decay."""
-    import math
-
     def f(s: int) -> float:
         if warmup and s < warmup:
             return (s + 1) / warmup
@@ -114,45 +100,30 @@ def warn_if_steps_round_away(params: list[nn.Parameter], lr: float) -> None:
         )
 
 
-def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> tuple[torch.optim.Optimizer, Any]:
+def build_optimizer(cfg: Config, params: list[nn.Parameter]) -> Optim:
+    """AdamW over `params` with the lr schedule of `train.schedule` (steps counted per optimizer step)."""
     t = cfg.train
     warn_if_steps_round_away(params, t.lr)
     fused = all(p.is_cuda for p in params)
     opt = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=t.betas, fused=fused or None)
     total = t.steps * cfg.algo.epochs * cfg.algo.minibatches
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.schedule, t.warmup_steps, total))
-    return opt, sched
+    return Optim(params, opt, sched)
 
 
-def make_logprob_fn(model: nn.Module, tokenizer: Any, temperature: float) -> Callable[[list[int], list[int]], list[float]]:
-    """(context ids, response ids) -> the policy's current log-prob of each response token."""
-    from guidedrl.trainer.batch import collate
-    from guidedrl.nn.logprobs import policy_outputs
-    from guidedrl.core.types import Completion
-
-    @torch.no_grad()
-    def fn(context: list[int], ids: list[int]) -> list[float]:
-        if not ids:
-            return []
-        c = Completion(sample=Sample(id="_", prompt=""), group=0, prompt_ids=context, ids=ids,
-                       logprobs=[0.0] * len(ids), text="", finish_reason="eos")
-        b = collate([c], tokenizer.pad_token_id).to(next(model.parameters()).device)
-        was = model.training
-        model.eval()
-        lp = policy_outputs(model, b, temperature=temperature).logprobs[0, : len(ids)]
-        model.train(was)
-        return lp.float().cpu().tolist()
-
-    return fn
+def build_value_head(model: nn.Module) -> nn.Module:
+    """PPO's critic: a zero-initialized linear head on the trunk, registered on the model so that it
+    is saved and restored with it."""
+    head = nn.Linear(model.config.hidden_size, 1).to(next(model.parameters()).device)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    model.add_module("value_head", head)
+    return head
 
 
-def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
-    """Model, tokenizer, reference, engine, data, reward, guide, objective and optimizer for `cfg`.
-
-    Training on CPU with `train.keep_freed_memory` also sets the process's allocator to keep freed
-    memory (`guidedrl.trainer.memory`)."""
-    from guidedrl.guidance import build_guide
-
+def build(cfg: Config) -> Pieces:
+    """Every piece of a run for `cfg`. Training on CPU with `train.keep_freed_memory` also sets the
+    process's allocator to keep freed memory (`guidedrl.trainer.memory`)."""
     model, tok = load_policy(cfg.model)
     if cfg.train.keep_freed_memory and next(model.parameters()).device.type == "cpu":
         keep_freed_memory()
@@ -161,15 +132,8 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
         compile_layers(model)
         if cast is not None:
             compile_layers(cast.module)
-    chat = use_chat(cfg.model, tok)
-    ref = load_model(cfg.model, tok, trainable=False) if cfg.algo.kl.coef else None
-    value_head = None
-    if cfg.algo.value is not None:
-        hidden = model.config.hidden_size
-        value_head = nn.Linear(hidden, 1).to(next(model.parameters()).device)
-        nn.init.zeros_(value_head.weight)
-        nn.init.zeros_(value_head.bias)
-        model.add_module("value_head", value_head)  # saved and restored with the model
+    renderer = Renderer(tok, chat=use_chat(cfg.model, tok), system_prompt=cfg.model.system_prompt)
+    policy = Policy(model, renderer, build_value_head(model) if cfg.algo.value is not None else None)
     train = load_samples(cfg.data.train)
     evals = load_samples(cfg.data.eval) if (cfg.data.eval is not None and cfg.eval.enabled) else []
     if cfg.eval.limit is not None:
@@ -178,18 +142,12 @@ def build_parts(cfg: Config, guide: Guide | None = None) -> Parts:
     reward = RewardTimer(build_reward(cfg.reward.terms, default_reward(task), cfg.reward.on_error))
     engine = HFEngine(model, tok, cfg.rollout, cast_weights=cast)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt, sched = build_optimizer(cfg, params)
-    parts = Parts(
-        cfg=cfg, model=model, tokenizer=tok, ref=ref, value_head=value_head, engine=engine, ctx=None,  # type: ignore[arg-type]
-        selector=UniformSelector(train, cfg.train.seed, cfg.data.shuffle), guide=None,
+    return Pieces(
+        cfg=cfg, policy=policy, ref=load_model(cfg.model, tok, trainable=False) if cfg.algo.kl.coef else None,
+        engine=engine, services=PolicyServices(engine, renderer, reward, model, cfg.rollout.temperature),
+        selector=UniformSelector(train, cfg.train.seed, cfg.data.shuffle), guide=build_guide(cfg, renderer),
         objective=Objective.from_config(cfg.algo, cfg.rollout.temperature, cfg.rollout.max_new_tokens,
                                         compiled=cfg.train.compile_logprobs, skip_inert=cfg.train.skip_inert_rows,
                                         cascade=cfg.train.cascade_attention),
-        optimizer=opt, scheduler=sched, params=params, reward_timer=reward, eval_samples=evals, chat=chat,
+        optim=build_optimizer(cfg, params), eval_samples=evals,
     )
-    parts.ctx = RolloutContext(engine=engine, tokenizer=tok, render=parts.render, reward=reward,
-                               group_size=cfg.rollout.group_size, total_steps=max(1, cfg.train.steps), seed=cfg.train.seed,
-                               rng=random.Random(cfg.train.seed),
-                               logprobs=make_logprob_fn(model, tok, cfg.rollout.temperature))
-    parts.guide = guide if guide is not None else build_guide(cfg)
-    return parts

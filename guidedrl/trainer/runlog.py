@@ -77,7 +77,7 @@ class RunLogger:
         with self.completions_path.open("a") as f:
             for c in completions[:n]:
                 f.write(json.dumps({
-                    "step": step, "sample": c.sample.id, "source": c.source, "reward": c.reward,
+                    "step": step, "sample": c.sample.id, "origin": c.origin, "reward": c.reward,
                     "finish": c.finish_reason, "text": c.text,
                 }) + "\n")
 

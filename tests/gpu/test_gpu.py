@@ -11,11 +11,14 @@ from guidedrl.trainer.batch import collate
 from guidedrl.core.config import ModelConfig, RolloutConfig, TinyModel, load_config
 from guidedrl.nn.logprobs import policy_outputs
 from guidedrl.nn.models import load_policy
-from guidedrl.trainer.build import build_parts
+from guidedrl.trainer.build import build
 from guidedrl.rollout.base import GenRequest
-from guidedrl.rollout.collect import Plan, to_completion
+from guidedrl.guidance.protocol import Plan
+from guidedrl.nn.prompts import Renderer
+from guidedrl.trainer.collect import to_completion
 from guidedrl.rollout.hf import HFEngine
-from guidedrl.trainer.loop import StepState, seed_everything, train_step
+from guidedrl.trainer.loop import seed_everything
+from guidedrl.trainer.step import StepState, train_step
 from guidedrl.core.types import Sample
 
 pytestmark = pytest.mark.gpu
@@ -54,12 +57,12 @@ def test_compiled_static_logprobs_match_a_fresh_forward_and_are_seeded(cuda_fp32
     other = eng.generate(reqs, seed=6)
     ids = lambda o: [x.ids for g in o for x in g]  # noqa: E731
     assert ids(out) == ids(again) and ids(out) != ids(other)
-    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(context=reqs[i].context, n=1), x, tok)
+    comps = [to_completion(Sample(id="s", prompt=""), i, Plan(gen_context=reqs[i].context, n=1), x, Renderer(tok, chat=False))
              for i, g in enumerate(out) for x in g]
     b = collate(comps, tok.pad_token_id).to("cuda")
     with torch.no_grad():
         lp = policy_outputs(model, b, temperature=0.8).logprobs
-    assert torch.allclose(lp * b.response_mask, b.old_logprobs, atol=1e-4)
+    assert torch.allclose(lp * b.response_mask, b.behaviour_logprobs, atol=1e-4)
 
 
 def test_static_decode_stops_at_eos_and_forces_min_tokens(cuda_fp32) -> None:
@@ -85,13 +88,13 @@ def test_bf16_train_step_on_gpu_uses_fused_adamw_and_changes_weights() -> None:
         "reward.terms=[{name: regex_format, args: {pattern: e}}]", "data.train.task=arith",
     ])
     seed_everything(0)
-    parts = build_parts(cfg)
-    assert next(parts.model.parameters()).dtype == torch.bfloat16
-    assert parts.optimizer.defaults.get("fused") is True
-    before = [p.detach().clone() for p in parts.params]
+    parts = build(cfg)
+    assert next(parts.policy.model.parameters()).dtype == torch.bfloat16
+    assert parts.optim.optimizer.defaults.get("fused") is True
+    before = [p.detach().clone() for p in parts.optim.params]
     metrics, flat = train_step(parts, StepState())
     assert flat and torch.isfinite(torch.tensor(metrics["loss/policy"]))
-    assert sum(not torch.equal(a, p) for a, p in zip(before, parts.params, strict=True)) >= 0.9 * len(before)
+    assert sum(not torch.equal(a, p) for a, p in zip(before, parts.optim.params, strict=True)) >= 0.9 * len(before)
 
 
 def test_autocast_step_on_gpu_keeps_fp32_weights_and_agrees_with_its_rollouts() -> None:
@@ -103,8 +106,8 @@ def test_autocast_step_on_gpu_keeps_fp32_weights_and_agrees_with_its_rollouts() 
         "train.lr=1e-3", "reward.terms=[{name: regex_format, args: {pattern: e}}]", "data.train.task=arith",
     ])
     seed_everything(0)
-    parts = build_parts(cfg)
-    assert next(parts.model.parameters()).dtype == torch.float32
+    parts = build(cfg)
+    assert next(parts.policy.model.parameters()).dtype == torch.float32
     metrics, flat = train_step(parts, StepState())
     assert flat and torch.isfinite(torch.tensor(metrics["loss/policy"]))
     assert abs(metrics["ratio_mean"] - 1.0) < 2e-2

@@ -3,9 +3,9 @@ loss terms (each a discriminated union or a plain node; the pure functions live 
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar, Literal, Union
+from typing import Annotated, Any, Callable, ClassVar, Literal, Union
 
-from pydantic import Field, model_validator
+from pydantic import Discriminator, Field, Tag, model_validator
 
 from guidedrl.core.config.base import Strict
 
@@ -50,9 +50,16 @@ class GAEAdvantage(Strict):
     whiten: bool = True
 
 
+def _name_or(default: str) -> Callable[[Any], str]:
+    """A union's tag: the `name` given, or the default variant's when a node sets only its fields
+    (`--set algo.loss.dual_clip=10` on the default loss)."""
+    return lambda v: v.get("name", default) if isinstance(v, dict) else v.name
+
+
 AdvantageConfig = Annotated[
-    Union[GRPOAdvantage, RLOOAdvantage, ReinforcePPAdvantage, LitePPOAdvantage, AmplifiedAdvantage, GAEAdvantage],
-    Field(discriminator="name"),
+    Union[tuple(Annotated[c, Tag(c.model_fields["name"].default)] for c in (  # type: ignore[misc]
+        GRPOAdvantage, RLOOAdvantage, ReinforcePPAdvantage, LitePPOAdvantage, AmplifiedAdvantage, GAEAdvantage))],
+    Discriminator(_name_or("grpo")),
 ]
 
 
@@ -61,76 +68,100 @@ class OffPolicyWeight(Strict):
 
     kind: Literal["ratio", "shaped", "none"] = "shaped"
     """ratio: clipped like on-policy; shaped: w/(w+gamma), unclipped; none: w itself, unclipped."""
-    gamma: float = 0.1
-    gamma_percentile: float | None = None
+    gamma: float = Field(0.1, gt=0)
+    gamma_percentile: float | None = Field(None, ge=0, le=1)
     """If set, gamma = this quantile of w over the micro-batch's off-policy tokens (Guide-GRPO 0.9)."""
-    gamma_min: float = 1e-4
+    gamma_min: float = Field(1e-4, gt=0)
 
 
-class PPOClipLoss(Strict):
-    name: Literal["ppo_clip"] = "ppo_clip"
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dual_clip: float | None = None
-    """c > 1 caps the loss of negative-advantage tokens at -A*c (DAPO 10)."""
-    clip: bool = True
-    """False = the unclipped ratio -A*rho (LUFFY, Critique-GRPO)."""
-    offpolicy: OffPolicyWeight = Field(default_factory=OffPolicyWeight)
+class PolicyLoss(Strict):
+    """Base of the policy-gradient losses: what the trainer must know about each, as typed flags."""
+
+    whole_groups: ClassVar[bool] = False
+    """Computes group statistics inside the loss, so micro-batches must hold whole groups."""
+    weights_offpolicy: ClassVar[bool] = False
+    """Weights tokens flagged off-policy (guidance.offpolicy) differently from on-policy ones."""
 
     @property
     def inert_at_zero_advantage(self) -> bool:
-        """Every token's loss is a multiple of its advantage, so a row whose advantages are all 0 adds
-        exactly no gradient; not so with a percentile gamma, which every off-policy token shifts."""
-        return self.offpolicy.gamma_percentile is None
+        """Every token's loss is a multiple of its advantage, so a row whose advantages are all 0
+        adds exactly no gradient (the update may leave such rows out)."""
+        return False
 
 
-class ReinforceLoss(Strict):
+class PPOClipLoss(PolicyLoss):
+    name: Literal["ppo_clip"] = "ppo_clip"
+    eps_low: float = Field(0.2, ge=0, lt=1)
+    eps_high: float = Field(0.2, ge=0)
+    dual_clip: float | None = Field(None, gt=1)
+    """c > 1 caps the loss of negative-advantage tokens at -A*c (DAPO 10)."""
+    clip: bool = True
+    """False = the unclipped ratio -A*rho (LUFFY, Critique-GRPO)."""
+    offpolicy_weight: OffPolicyWeight = Field(default_factory=OffPolicyWeight)
+    weights_offpolicy: ClassVar[bool] = True
+
+    @property
+    def inert_at_zero_advantage(self) -> bool:
+        """Not with a percentile gamma, which every off-policy token shifts."""
+        return self.offpolicy_weight.gamma_percentile is None
+
+
+class ReinforceLoss(PolicyLoss):
     """-A * logprob (no ratio), scaled by 1/(1+tau) (R3L's OPMD uses tau=1)."""
 
     name: Literal["reinforce"] = "reinforce"
-    tau: float = 0.0
-    inert_at_zero_advantage: ClassVar[bool] = True
-    """-A logp: a row whose advantages are all 0 adds exactly no gradient."""
+    tau: float = Field(0.0, gt=-1)
+
+    @property
+    def inert_at_zero_advantage(self) -> bool:
+        return True
 
 
-class NFTLoss(Strict):
+class NFTLoss(PolicyLoss):
     name: Literal["nft"] = "nft"
-    needs: ClassVar[frozenset[str]] = frozenset({"whole_groups"})
-    neg_weight: float = 1.0
+    neg_weight: float = Field(1.0, ge=0)
+    """>= 0 (NFT's -1 switch to the DAPO loss is loss.name ppo_clip here)."""
     normalize: Literal[0, 1, 2] = 1
     ratio_cap: float = 10.0
-    rhat_min: float = 0.02
-    rhat_max: float = 0.98
+    rhat_min: float = Field(0.02, gt=0, lt=1)
+    rhat_max: float = Field(0.98, gt=0, lt=1)
+    whole_groups: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _rhat(self) -> "NFTLoss":
+        if self.rhat_min > self.rhat_max:
+            raise ValueError(f"rhat_min ({self.rhat_min}) must be <= rhat_max ({self.rhat_max})")
+        return self
 
 
-class PACSLoss(Strict):
+class PACSLoss(PolicyLoss):
     name: Literal["pacs"] = "pacs"
-    needs: ClassVar[frozenset[str]] = frozenset({"whole_groups"})
     beta: float = 1.0
     balanced: bool = True
+    whole_groups: ClassVar[bool] = True
 
 
-class ROVERLoss(Strict):
+class ROVERLoss(PolicyLoss):
     name: Literal["rover"] = "rover"
-    needs: ClassVar[frozenset[str]] = frozenset({"vocab_mean"})
-    """Extra per-token quantities the trainer must compute for this loss."""
     rho: float = 1.0
     next_q_scale: float = 1.0
 
 
 LossConfig = Annotated[
-    Union[PPOClipLoss, ReinforceLoss, NFTLoss, PACSLoss, ROVERLoss], Field(discriminator="name")
+    Union[tuple(Annotated[c, Tag(c.model_fields["name"].default)] for c in (  # type: ignore[misc]
+        PPOClipLoss, ReinforceLoss, NFTLoss, PACSLoss, ROVERLoss))],
+    Discriminator(_name_or("ppo_clip")),
 ]
 
 
 class ReduceConfig(Strict):
     name: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum", "sum_over_constant"] = "token_mean"
-    constant: float | None = None
+    constant: float | None = Field(None, gt=0)
     """Divisor for sum_over_constant; None = rollout.max_new_tokens."""
 
 
 class KLConfig(Strict):
-    coef: float = 0.0
+    coef: float = Field(0.0, ge=0)
     """0 = no reference model is loaded."""
     estimator: Literal["k1", "k2", "k3"] = "k3"
     in_reward: bool = False
@@ -141,7 +172,7 @@ class DynamicSampling(Strict):
     """DAPO: drop groups whose rewards are all equal; sample more until the batch is full."""
 
     enabled: bool = False
-    max_batches: int = 4
+    max_batches: int = Field(4, ge=1)
     """Generation rounds allowed per step before the batch counts as short."""
     on_short: Literal["error", "partial"] = "error"
     """A batch still short after max_batches: stop with a clear error (DAPO), or train on what was kept."""
@@ -150,16 +181,25 @@ class DynamicSampling(Strict):
 class ValueConfig(Strict):
     """PPO critic: a scalar head on the policy trunk."""
 
-    coef: float = 0.5
-    clip: float | None = 0.2
+    coef: float = Field(0.5, gt=0)
+    clip: float | None = Field(0.2, gt=0)
 
 
 class CalibrationConfig(Strict):
     """CalibRL: |A| * LeakyReLU(-s * (logp - logp_expert)) on on-policy tokens."""
 
-    coef: float = 0.1
+    coef: float = Field(0.1, gt=0)
     negative_slope: float = 0.5
     success: float = 0.1
+
+
+class TermConfig(Strict):
+    """One more loss term: a name in `guidedrl.algo.TERMS` or `module:function` (the function takes
+    `(inp: LossInputs, args: dict, reduce: Reducer) -> LossOutputs`), its coefficient and arguments."""
+
+    name: str
+    coef: float = 1.0
+    args: dict[str, Any] = Field(default_factory=dict)
 
 
 class AlgoConfig(Strict):
@@ -169,11 +209,14 @@ class AlgoConfig(Strict):
     kl: KLConfig = Field(default_factory=KLConfig)
     entropy_coef: float = 0.0
     """Entropy bonus (subtracted from the loss)."""
-    ce_coef: float = 0.0
-    """Cross-entropy (SFT) on tokens of completions flagged `sft`."""
+    ce_coef: float = Field(0.0, ge=0)
+    """Cross-entropy (SFT) on tokens of completions flagged `sft` (guidance.injection replace)."""
     value: ValueConfig | None = None
     """PPO critic; required by the gae advantage."""
     calibration: CalibrationConfig | None = None
+    """CalibRL's calibration term; needs guidance.injection auxiliary (the expert sequence)."""
+    terms: list[TermConfig] = Field(default_factory=list)
+    """More loss terms, each a registered name or `module:function` (see TermConfig)."""
     epochs: int = Field(1, ge=1)
     """Passes over each step's rollouts; >1 needs an old-log-prob pass."""
     minibatches: int = Field(1, ge=1)

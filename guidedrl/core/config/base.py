@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from pydantic import BaseModel, ConfigDict
 
 
 class Strict(BaseModel):
     """Base for every config node: unknown keys are errors, values are validated on assignment."""
-
-    needs: ClassVar[frozenset[str]] = frozenset()
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)

@@ -14,34 +14,64 @@ from guidedrl.core.config.tree import Config
 from guidedrl.core.errors import ConfigError
 
 
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The config class at a dotted path (for suggestions), following discriminated unions loosely."""
-    node: Any = Config
-    for part in path:
-        if not (isinstance(node, type) and issubclass(node, BaseModel)):
-            return None
-        field = node.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        candidates = [a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
-        node = candidates[0] if candidates else None
-    return node if isinstance(node, type) else None
+def _models(ann: Any) -> list[type[BaseModel]]:
+    """The config classes an annotation can hold (through Optional, list, Annotated and unions)."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in getattr(ann, "__args__", ()) for m in _models(a)]
+
+
+def _tag(model: type[BaseModel]) -> str | None:
+    """A union member's tag: the default of its `name` or `injection` field."""
+    for key in ("name", "injection"):
+        f = model.model_fields.get(key)
+        if f is not None and isinstance(f.default, str):
+            return f.default
+    return None
+
+
+def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
+    """pydantic's error location -> (the dotted key's parts, the config classes where it ends).
+    Union tags that pydantic adds to the location (`ppo_clip`, `prompt_hint`, `function-after`) are
+    dropped, and list indexes join their key (`reward.terms[0]`)."""
+    parts: list[str] = []
+    here: list[type[BaseModel]] = [Config]
+    for x in loc:
+        if isinstance(x, int):
+            parts[-1] = f"{parts[-1]}[{x}]" if parts else f"[{x}]"
+            continue
+        x = str(x)
+        if x.startswith("function-"):
+            continue
+        owners = [m for m in here if x in m.model_fields]
+        if owners:
+            parts.append(x)
+            here = [m for o in owners for m in _models(o.model_fields[x].annotation)]
+        elif any(_tag(m) == x or m.__name__ == x for m in here):
+            here = [m for m in here if _tag(m) == x or m.__name__ == x]
+        else:
+            parts.append(x)
+            here = []
+    return parts, here
 
 
 def _format_error(err: dict[str, Any], source: str) -> str:
-    loc = [str(x) for x in err["loc"] if not (isinstance(x, str) and x in ("function-after", "function-before"))]
-    # discriminated unions add the tag as a path element; drop tags that are class names
-    dotted = ".".join(x for x in loc if not x[:1].isupper() and not x.startswith("function"))
-    etype = err["type"]
+    parts, _ = _walk(tuple(err["loc"]))
+    dotted = ".".join(parts)
+    etype, ctx = err["type"], err.get("ctx") or {}
     if etype == "extra_forbidden":
-        parent = _model_at(tuple(dotted.split(".")[:-1]) if "." in dotted else ())
-        known = list(parent.model_fields) if parent else []
-        close = difflib.get_close_matches(dotted.split(".")[-1], known, n=1)
-        hint = f" Did you mean `{'.'.join(dotted.split('.')[:-1] + [close[0]])}`?" if close else ""
+        _, parents = _walk(tuple(err["loc"])[:-1])
+        known = sorted({k for m in parents for k in m.model_fields})
+        close = difflib.get_close_matches(parts[-1], known, n=1)
+        hint = f" Did you mean `{'.'.join(parts[:-1] + [close[0]])}`?" if close else f" Known here: {', '.join(known)}."
         return f"{source}: unknown key `{dotted}`.{hint}"
     if etype == "union_tag_invalid":
-        return f"{source}: `{dotted}.name`: {err['msg']}"
+        return f"{source}: `{dotted}`: unknown {ctx.get('tag')!r}; valid: {ctx.get('expected_tags')}"
+    if etype == "union_tag_not_found":
+        return f"{source}: `{dotted}.{ctx.get('discriminator', 'name').strip(chr(39))}` is required"
+    if etype == "value_error":  # a validator's own message names its keys
+        where = f"`{dotted}`: " if dotted else ""
+        return f"{source}: {where}{err['msg'].removeprefix('Value error, ')}"
     return f"{source}: `{dotted or '(top level)'}`: {err['msg']} (got {err.get('input')!r})"
 
 

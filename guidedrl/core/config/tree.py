@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from guidedrl.core.config.algo import AlgoConfig
 from guidedrl.core.config.base import Strict
-from guidedrl.core.config.guidance import GuidanceConfig
+from guidedrl.core.config.guidance import GuidanceConfig, PromptHint, Refine, Replace
 
 
 # ----------------------------------------------------------------------------- model
@@ -169,8 +169,9 @@ class RewardConfig(Strict):
 class Overlong(Strict):
     """DAPO: R_len = min(-(|o| - (L_max - L_cache)) / L_cache * factor, 0)."""
 
-    cache_len: int = 16
-    factor: float = 1.0
+    cache_len: int = Field(16, ge=1)
+    """L_cache, at most rollout.max_new_tokens."""
+    factor: float = Field(1.0, ge=0)
 
 
 RewardConfig.model_rebuild()
@@ -208,7 +209,7 @@ class TrainConfig(Strict):
     advantage 0 (a GRPO group with equal rewards), under a loss whose tokens are multiples of their
     advantage (ppo_clip, reinforce) and no other per-row term (entropy bonus, KL loss, CE, critic,
     calibration). The gradient is the same; the update's logged token metrics (entropy, clipfrac,
-    ...) then cover the trained rows, and `update/skipped_rows` is the share left out."""
+    ...) then cover the trained rows, and `perf/skipped_rows` is the share left out."""
     keep_freed_memory: bool = True
     """Training on CPU (glibc): the process keeps freed memory for the next step, as PyTorch's GPU
     caching allocator does (`guidedrl.trainer.memory`; process-wide; CPU benchmark: the update 15% faster).
@@ -258,7 +259,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _sizes(self) -> "Config":
-        if "whole_groups" in self.algo.loss.needs:  # (token-budget micro-batches hold whole groups)
+        if self.algo.loss.whole_groups:  # (token-budget micro-batches hold whole groups)
             whole = self.train.micro_batch_tokens is not None or self.train.micro_batch_size % self.rollout.group_size == 0
             if not whole or self.algo.minibatches != 1:
                 raise ValueError(
@@ -271,4 +272,25 @@ class Config(Strict):
             raise ValueError(
                 f"train.prompts_per_step*rollout.group_size ({seqs}) must be divisible by algo.minibatches"
             )
+        ol = self.reward.overlong
+        if ol is not None and ol.cache_len > self.rollout.max_new_tokens:
+            raise ValueError(f"reward.overlong.cache_len ({ol.cache_len}) must be <= rollout.max_new_tokens "
+                             f"({self.rollout.max_new_tokens})")
+        return self
+
+    @model_validator(mode="after")
+    def _guidance_fits_algo(self) -> "Config":
+        """Settings that would silently do nothing together."""
+        g, a = self.guidance, self.algo
+        injection = g.injection if g is not None else None
+        if (injection == "auxiliary") != (a.calibration is not None):
+            raise ValueError("algo.calibration and guidance.injection `auxiliary` go together: the calibration term "
+                             "needs the expert sequence the auxiliary injection attaches, which only it reads")
+        offpolicy = isinstance(g, (PromptHint, Replace, Refine)) and g.offpolicy
+        if offpolicy and not a.loss.weights_offpolicy:
+            raise ValueError(f"guidance.offpolicy is true but algo.loss `{a.loss.name}` does not weight off-policy "
+                             "tokens (use loss ppo_clip, or set guidance.offpolicy false)")
+        if a.ce_coef and injection != "replace":
+            raise ValueError("algo.ce_coef > 0 imitates completions flagged sft, which only guidance.injection "
+                             "`replace` makes: nothing would be imitated")
         return self
