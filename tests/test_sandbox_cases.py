@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from guidedrl.core.errors import DataError
-from guidedrl.sandbox.cases import parse_asserts, parse_io, same_output, top_level_names
+from guidedrl.sandbox.cases import NO_CONSTANT, parse_asserts, parse_io, same_output, top_level_names
 from guidedrl.sandbox.harness import decode, encode
 
 SPLITS = [  # (assert, the judge's expression, the leaves)
@@ -43,6 +43,14 @@ def test_leaves_are_the_smallest_parts_that_need_the_program() -> None:
     assert judge_setup == ("import math", "x = 3", "expected = [1, 2]")
     assert cases[0].setup == ("x = 3",) and cases[-1].setup == ("x = 3", "y = f(x)")
     assert cases[4].setup == ()  # `expected` is the judge's alone
+
+
+def test_leaf_equals_constant_is_compared_by_the_parent() -> None:
+    tests = "c = 5\nassert f(1) == 2\nassert -1 == f(2)\nassert f(3) == (1, [2.5], {'a': None})\nassert f(4) == c\n" \
+            "assert f(5) != 2\nassert f(6) == f(7)\nassert f(8) + 1 == 2\nassert f(9) == set()"
+    cases, _ = parse_asserts(tests, "t")
+    assert [c.expected for c in cases] == [2, -1, (1, [2.5], {"a": None}), NO_CONSTANT, NO_CONSTANT, NO_CONSTANT,
+                                           NO_CONSTANT, set()]
 
 
 def test_builtins_the_program_redefines_are_the_program_s() -> None:

@@ -30,6 +30,7 @@ from typing import Any
 from guidedrl.core.errors import DataError
 
 LEAF = "_guidedrl_leaf_"  # names of the leaves in the judge's expression
+NO_CONSTANT = object()  # AssertCase.expected when the judge decides
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,9 @@ class AssertCase:
     """The expressions the program's process evaluates."""
     setup: tuple[str, ...]
     """The setup statements the program's process runs before the leaves (only those they need)."""
+    expected: Any = NO_CONSTANT
+    """For `leaf == constant` (either side), the constant: the parent compares it with the value
+    itself, without a judge's process."""
 
 
 @dataclass(frozen=True)
@@ -180,8 +184,9 @@ def parse_asserts(text: str, where: str, program_names: frozenset[str] = frozens
             leaves = _leaves(stmt.test, known)
             source, leaf_sources = ast.unparse(stmt), tuple(ast.unparse(leaf) for leaf in leaves)
             setup = _needed(earlier, set().union(*(_free(leaf) for leaf in leaves)))
+            expected = _constant(stmt.test, leaves)
             expr = _Replace(leaves).visit(stmt.test)  # in place: the tree is ours and used up
-            cases.append(AssertCase(source=source, expr=ast.unparse(expr), leaves=leaf_sources, setup=setup))
+            cases.append(AssertCase(source, ast.unparse(expr), leaf_sources, setup, expected))
             continue
         nested = next((n for n in ast.walk(stmt) if isinstance(n, ast.Assert)), None)
         if nested is not None:
@@ -197,6 +202,20 @@ def parse_asserts(text: str, where: str, program_names: frozenset[str] = frozens
     if not cases:
         raise DataError(f"{where}: the tests have no top-level `assert`")
     return tuple(cases), tuple(judge_setup)
+
+
+def _constant(test: ast.expr, leaves: list[ast.expr]) -> Any:
+    """The constant of `leaf == constant` or `constant == leaf`, else NO_CONSTANT."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)
+            and len(leaves) == 1):
+        return NO_CONSTANT
+    sides = [test.left, test.comparators[0]]
+    if leaves[0] not in sides:
+        return NO_CONSTANT
+    try:
+        return ast.literal_eval(sides[1 - sides.index(leaves[0])])
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return NO_CONSTANT
 
 
 def _needed(earlier: list[tuple[ast.stmt, bool]], names: set[str]) -> tuple[str, ...]:

@@ -12,22 +12,22 @@
   expression with its leaves bound to the decoded values (plain data: no code of the program can
   run). Reports True or False per case.
 
-Reports are JSON objects, one a line, on REPORT_FD.
+Reports are JSON objects, one a line, on REPORT_FD. Start-up time is most of a case's cost:
+this file imports only what every run needs (no `typing`; `traceback` only to print one).
 """
 
 from __future__ import annotations
 
 import builtins
 import json
-import linecache
 import os
 import sys
-import traceback
-import types
-from typing import Any, Callable
+
+REPORT_FD = -1
+SOURCES: dict[str, str] = {}  # file name -> source, for tracebacks
 
 
-def encode(value: Any) -> Any:
+def encode(value: object) -> object:
     """`value` as JSON data: None, bool, int, float, str and list as themselves; tuple, dict, set,
     frozenset, bytes, complex, range, Fraction, Decimal, deque tagged as a one-key object
     ({"tuple": [...]}); an iterator (a generator, map, ...) drained into {"iter": [...]}.
@@ -63,7 +63,7 @@ def encode(value: Any) -> Any:
     raise TypeError(f"a {type(value).__name__} is not plain data")
 
 
-def decode(data: Any) -> Any:
+def decode(data: object) -> object:
     """The inverse of `encode`, building only plain built-in values (ValueError on anything else)."""
     if data is None or type(data) in (bool, int, float, str):
         return data
@@ -73,7 +73,7 @@ def decode(data: Any) -> Any:
         raise ValueError("not an encoded value")
     (tag, x), = data.items()
     items = [decode(i) for i in x] if tag in ("tuple", "set", "frozenset", "deque", "iter") else None
-    simple: dict[str, Callable[[], Any]] = {
+    simple = {
         "tuple": lambda: tuple(items), "set": lambda: set(items), "frozenset": lambda: frozenset(items),
         "iter": lambda: iter(items), "deque": lambda: __import__("collections").deque(items),
         "dict": lambda: {decode(k): decode(v) for k, v in x},
@@ -88,7 +88,7 @@ def decode(data: Any) -> Any:
     return simple[tag]()
 
 
-def _typed(values: Any, kind: type) -> list[Any]:
+def _typed(values: object, kind: type) -> list:
     """`values`, checked to be a short list of `kind` (int also passes for float)."""
     kinds = (int, float) if kind is float else (kind,)
     if not isinstance(values, list) or len(values) > 3 or not all(type(v) in kinds for v in values):
@@ -97,25 +97,31 @@ def _typed(values: Any, kind: type) -> list[Any]:
 
 
 def _describe(e: BaseException) -> str:
-    return "".join(traceback.format_exception_only(type(e), e)).strip()[-1000:]
+    return f"{type(e).__name__}: {e}"[:1000]
 
 
-def _error(e: BaseException, phase: str) -> dict[str, Any]:
+def _error(e: BaseException, phase: str) -> dict:
     return {"error": type(e).__name__, "errno": getattr(e, "errno", None), "phase": phase, "detail": _describe(e)}
 
 
-def program(job: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
+def report(record: dict) -> None:
+    """One record, one line, on the report fd."""
+    data = (json.dumps(record) + "\n").encode()
+    while data:
+        data = data[os.write(REPORT_FD, data):]
+
+
+def program(job: dict) -> None:
     """Run the program, the setup, and report the leaves' values; then exit."""
     source = job["code"]
-    for name, text in (("<solution>", source), ("<tests>", "\n".join(job["setup"] + job["leaves"]))):
-        linecache.cache[name] = (len(text), None, text.splitlines(True), name)  # tracebacks show the lines
+    SOURCES.update({"<solution>": source, "<tests>": "\n".join(job["setup"] + job["leaves"])})
     try:
         code = compile(source, "<solution>", "exec")
     except (SyntaxError, ValueError) as e:
         report(_error(e, "compile"))
         _print_traceback(e)
         os._exit(1)
-    main = types.ModuleType("__main__")  # the program's own __main__ module, not this one
+    main = type(sys)("__main__")  # the program's own __main__ module, not this one
     main.__builtins__ = builtins  # type: ignore[attr-defined]
     sys.modules["__main__"], sys.argv = main, ["solution.py"]
     ns = main.__dict__
@@ -147,9 +153,9 @@ def program(job: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> No
     os._exit(0)  # the program's threads and atexit handlers have no say any more
 
 
-def judge(job: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None:
+def judge(job: dict) -> None:
     """Evaluate each case's expression on the decoded values (trusted code only)."""
-    glb: dict[str, Any] = {"__builtins__": builtins, "__name__": "__tests__"}
+    glb: dict = {"__builtins__": builtins, "__name__": "__tests__"}
     try:
         for stmt in job["setup"]:
             exec(compile(stmt, "<tests>", "exec"), glb)
@@ -166,8 +172,13 @@ def judge(job: dict[str, Any], report: Callable[[dict[str, Any]], None]) -> None
 
 def _print_traceback(e: BaseException) -> None:
     """The traceback from the program's (or the tests') first frame on: this file's say nothing."""
+    import linecache  # noqa: PLC0415 - only when there is a traceback to print: start-up time
+    import traceback  # noqa: PLC0415
+
+    for name, text in SOURCES.items():
+        linecache.cache[name] = (len(text), None, text.splitlines(True), name)
     tb = e.__traceback__
-    while tb is not None and tb.tb_frame.f_code.co_filename not in ("<solution>", "<tests>"):
+    while tb is not None and tb.tb_frame.f_code.co_filename not in SOURCES:
         tb = tb.tb_next
     try:
         traceback.print_exception(type(e), e, tb, file=sys.__stderr__)
@@ -184,18 +195,13 @@ def _flush() -> None:
 
 
 def main() -> None:
+    global REPORT_FD
     with open(sys.argv[1], "rb") as f:
         job = json.loads(f.read())
-    fd = int(sys.argv[2])
+    REPORT_FD = int(sys.argv[2])
     if hasattr(sys, "set_int_max_str_digits"):
         sys.set_int_max_str_digits(0)  # big integers are plain data too
-
-    def report(record: dict[str, Any]) -> None:
-        data = (json.dumps(record) + "\n").encode()
-        while data:
-            data = data[os.write(fd, data):]
-
-    (judge if job["mode"] == "judge" else program)(job, report)
+    (judge if job["mode"] == "judge" else program)(job)
 
 
 if __name__ == "__main__":

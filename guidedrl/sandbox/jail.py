@@ -17,8 +17,10 @@ process isolation); `isolation="bwrap"` refuses to. docs/security.md says what e
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -110,18 +112,30 @@ def _reachable(path: str, mode: int = 0o004) -> bool:
         return False
 
 
-def sandbox_python() -> tuple[str, str]:
-    """(interpreter, installation prefix) that runs inside the jail: the trainer's own base
-    interpreter (not the virtualenv: standard library only), or, as root with that interpreter
-    where other users cannot read it (e.g. under /root) since the jail runs as another uid,
-    /usr/bin/python3."""
+@dataclass(frozen=True)
+class Python:
+    """The interpreter the jail runs, and what of its installation the jail binds."""
+
+    exe: str
+    prefix: str
+    """Bound read-only where it is not under /usr."""
+    hidden: str | None
+    """Its own site-packages, covered by an empty read-only tmpfs (standard library only)."""
+
+
+@functools.cache
+def sandbox_python() -> Python:
+    """The trainer's own base interpreter (not the virtualenv), or, as root with that interpreter
+    where other users cannot read it (e.g. under /root: the jail runs as another uid), /usr/bin/python3."""
     exe, prefix = os.path.realpath(sys.executable), os.path.realpath(sys.base_prefix)
-    if os.geteuid() != 0 or (_reachable(exe, 0o005) and _reachable(sysconfig.get_paths()["stdlib"], 0o005)):
-        return exe, prefix
-    if _reachable("/usr/bin/python3", 0o005):
-        return os.path.realpath("/usr/bin/python3"), "/usr"
-    raise SandboxError(f"code sandbox: the interpreter {exe} is not readable by other users and there is no "
-                       "/usr/bin/python3; install python3 (apt-get install python3) or Python where others can read it")
+    if os.geteuid() == 0 and not (_reachable(exe, 0o005) and _reachable(sysconfig.get_paths()["stdlib"], 0o005)):
+        if not _reachable("/usr/bin/python3", 0o005):
+            raise SandboxError(f"code sandbox: the interpreter {exe} is not readable by other users and there is "
+                               "no /usr/bin/python3; install python3 (apt-get install python3) or Python where "
+                               "others can read it")
+        exe, prefix = os.path.realpath("/usr/bin/python3"), "/usr"
+    site = os.path.realpath(sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}))
+    return Python(exe, prefix, site if site.startswith(prefix + "/") and os.path.isdir(site) else None)
 
 
 # ----------------------------------------------------------------------------- command lines
@@ -134,7 +148,7 @@ def _prlimit(limits: Limits, extra_tasks: int = 0) -> list[str]:
             f"--nproc={limits.nproc + extra_tasks}", f"--nofile={limits.nofile}", "--core=0", "--"]
 
 
-def _bwrap(limits: Limits, python: tuple[str, str], files: dict[str, int], status_fd: int) -> list[str]:
+def _bwrap(limits: Limits, python: Python, files: dict[str, int], status_fd: int) -> list[str]:
     """The bubblewrap command line: the jail described in the module docstring."""
     disk = str(limits.disk_mb * 2**20)
     argv = ["bwrap", "--unshare-all", "--unshare-user", "--disable-userns", "--uid", str(SANDBOX_UID),
@@ -145,12 +159,10 @@ def _bwrap(limits: Limits, python: tuple[str, str], files: dict[str, int], statu
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
-    exe, prefix = python
-    if not (prefix == "/usr" or prefix.startswith("/usr/")):
-        argv += ["--ro-bind", prefix, prefix]
-        site = os.path.realpath(sysconfig.get_path("purelib", vars={"base": prefix, "platbase": prefix}))
-        if site.startswith(prefix + "/") and os.path.isdir(site):  # its own site-packages: hidden
-            argv += ["--tmpfs", site, "--remount-ro", site]
+    if not (python.prefix == "/usr" or python.prefix.startswith("/usr/")):
+        argv += ["--ro-bind", python.prefix, python.prefix]
+    if python.hidden is not None:
+        argv += ["--tmpfs", python.hidden, "--remount-ro", python.hidden]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", disk, "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
              "--size", disk, "--tmpfs", "/tmp", "--dir", BOX]
     for name, fd in files.items():
@@ -234,42 +246,33 @@ def _memfd(name: str, data: bytes = b"") -> int:
 
 def _read(fd: int, limit: int) -> bytes:
     """The first `limit` bytes of a memfd."""
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks, left = [], limit
-    while left > 0:
-        chunk = os.read(fd, min(left, 2**20))
-        if not chunk:
-            break
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+    return os.pread(fd, min(os.fstat(fd).st_size, limit), 0)
 
 
 def run_jailed(argv: list[str], files: dict[str, bytes], stdin: bytes, limits: Limits, isolation: str) -> Exit:
-    """Run `argv` (its first item the interpreter from `sandbox_python`, other paths under BOX)
+    """Run `argv` (its first item `sandbox_python().exe`, other paths under BOX)
     with `files` readable under BOX and `stdin`, jailed (`isolation` "bwrap") or under rlimits
     alone (the fallback). Never raises for anything the program does; SandboxError if the jail
     could not be set up."""
     uid = _UIDS.lease()
     fds: list[int] = []
-    box = tempfile.mkdtemp(prefix="guidedrl-box-") if isolation != ISOLATION_BWRAP else None
+    box = None
     try:
         std = [_memfd(n, d) for n, d in (("stdin", stdin), ("stdout", b""), ("stderr", b""), ("report", b""), ("status", b""))]
         fds += std
         file_fds = {name: _memfd(name, data) for name, data in files.items()}
         fds += file_fds.values()
-        report = std[3]
-        argv = [a.replace("{report}", str(report)) for a in argv]
+        argv = [a.replace("{report}", str(std[3])) for a in argv]
         extra = 0 if uid is not None else _own_tasks()
         if isolation == ISOLATION_BWRAP:
-            cmd, cwd = _prlimit(limits, extra) + _bwrap(limits, sandbox_python(), file_fds, std[4]) + argv, "/"
-            env = {"PATH": "/usr/bin:/bin"}
+            cmd, cwd, env = _prlimit(limits, extra) + _bwrap(limits, sandbox_python(), file_fds, std[4]) + argv, "/", {}
         else:
-            cmd, cwd, env = _fallback(box, files, uid, argv, limits, extra)  # type: ignore[arg-type]
-        exit_ = _wait(cmd, cwd, env, std, (report, std[4], *file_fds.values()), limits, uid)
+            box = tempfile.mkdtemp(prefix="guidedrl-box-")
+            cmd, cwd, env = _fallback(box, files, uid, argv, limits, extra)
+        exit_ = _wait(cmd, cwd, env, std, (std[3], std[4], *file_fds.values()), limits, uid)
         if isolation == ISOLATION_BWRAP:
             init = _check_status(_read(std[4], 65536), exit_)
-            if exit_.timed_out and init is not None:
+            if init is not None:  # bwrap reports the program's exit before its pid 1 has emptied the jail
                 _await_exit(init)
         elif uid is not None:
             _kill_uid(uid)
@@ -303,19 +306,19 @@ def _wait(cmd: list[str], cwd: str, env: dict[str, str], std: list[int], keep: t
     up to the deadline, kill its session on the deadline."""
     ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=std[0], stdout=std[1], stderr=std[2], pass_fds=keep,
-                            cwd=cwd, env=env, start_new_session=True, **ids)  # type: ignore[arg-type]
-    timed_out = False
-    try:
-        proc.wait(timeout=limits.timeout_s + STARTUP_S)
-    except subprocess.TimeoutExpired:
-        timed_out = True
+    proc = subprocess.Popen(cmd, stdin=std[0], stdout=std[1], stderr=std[2], pass_fds=keep, cwd=cwd,
+                            env={"PATH": "/usr/bin:/bin", **env}, start_new_session=True, **ids)  # type: ignore[arg-type]
+    try:  # a pidfd becomes readable when the process ends: no polling (Popen.wait's costs ~20 ms a run)
+        pidfd = os.pidfd_open(proc.pid)
+        try:
+            timed_out = not select.select([pidfd], [], [], limits.timeout_s + STARTUP_S)[0]
+        finally:
+            os.close(pidfd)
     finally:
-        if proc.returncode is None:  # bwrap dies, and with it (--die-with-parent, pid 1) its whole jail
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        try:  # on the deadline: bwrap, and with it (--die-with-parent, pid 1) its whole jail; else what
+            os.killpg(proc.pid, signal.SIGKILL)  # the fallback's program left in its process group
+        except ProcessLookupError:
+            pass
         proc.wait()
     seconds = time.monotonic() - t0
     code = None if timed_out else (proc.returncode if proc.returncode >= 0 else 128 - proc.returncode)
@@ -391,7 +394,7 @@ def _probe() -> str:
     if shutil.which("bwrap") is None or shutil.which("prlimit") is None:
         return "no `bwrap` (Debian: apt-get install bubblewrap)" if shutil.which("prlimit") else "no `prlimit` (util-linux)"
     try:
-        exe = sandbox_python()[0]
+        exe = sandbox_python().exe
         r = run_jailed([exe, "-I", "-S", "-c", "print('ok')"], {}, b"", Limits(timeout_s=60), ISOLATION_BWRAP)
     except (SandboxError, OSError) as e:
         return str(e)

@@ -1,11 +1,12 @@
 """Run model-written Python against its tests; the verdict is decided outside the program's process.
 
 Each test case runs in a fresh jail (`jail.py`): the program, then the parts of the case that need
-it (its *leaves*, `cases.py`), whose values come back as plain data. A second jail that runs only
-the tests' own code (the *judge*) evaluates each assertion on those values; stdin/stdout cases
-are compared here. The program never sees what its values are compared with, and nothing it
-writes is taken as a verdict: forging a pass means producing the right values, which is solving
-the case. Cases run in parallel, `workers` jails at a time.
+it (its *leaves*, `cases.py`), whose values come back as plain data. `leaf == constant` is
+compared here, on the decoded value; any other assertion goes to a second jail that runs only the
+tests' own code (the *judge*, one per program); stdin/stdout cases are compared here. The program
+never sees what its values are compared with, and nothing it writes is taken as a verdict:
+forging a pass means producing the right values, which is solving the case. Cases run in
+parallel, `workers` jails at a time.
 
 Reasons: ok, test_failed, timeout, cpu_limit, memory_limit, file_size_limit, process_limit,
 network, killed, syntax_error, error. `ok`, `test_failed` and `timeout` are the parent's own
@@ -28,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from guidedrl.core.errors import DataError
-from guidedrl.sandbox.cases import AssertCase, TestSet, parse_asserts, parse_io, same_output, top_level_names
+from guidedrl.sandbox.cases import NO_CONSTANT, AssertCase, TestSet, parse_asserts, parse_io, same_output, top_level_names
+from guidedrl.sandbox.harness import decode
 from guidedrl.sandbox.jail import BOX, Exit, Limits, isolation_mode, run_jailed, sandbox_python
 
 REASONS = ("ok", "test_failed", "timeout", "cpu_limit", "memory_limit", "file_size_limit", "process_limit",
@@ -158,7 +160,7 @@ def _program_job(code: str, leaves: tuple[str, ...] = (), setup: tuple[str, ...]
 
 
 def _jail(files: dict[str, bytes], stdin: str, limits: Limits, mode: str) -> Exit:
-    argv = [sandbox_python()[0], "-I", "-S", "-B", f"{BOX}/harness.py", f"{BOX}/job.json", "{report}"]
+    argv = [sandbox_python().exe, "-I", "-S", "-B", f"{BOX}/harness.py", f"{BOX}/job.json", "{report}"]
     return run_jailed(argv, files, stdin.encode(), limits, mode)
 
 
@@ -199,8 +201,11 @@ def _cases(tests: TestSet, exits: dict[int, Exit], limits: Limits
     pending: dict[int, list[str]] = {}
     for k, case in enumerate(tests.asserts):
         values, reason, detail = _program_values(exits[k], len(case.leaves), limits)
+        same = None if values is None else _equals_constant(case, values)
         if values is None:
             done[k] = CaseResult(False, reason, detail)
+        elif same is not None:
+            done[k] = CaseResult(True, "ok") if same else CaseResult(False, "test_failed", "the assertion is false")
         else:
             pending[k] = values
     for k, case in enumerate(tests.io, start=len(tests.asserts)):
@@ -212,6 +217,18 @@ def _cases(tests: TestSet, exits: dict[int, Exit], limits: Limits
         else:
             done[k] = CaseResult(False, "test_failed", "wrong output")
     return done, pending
+
+
+def _equals_constant(case: AssertCase, values: list[str]) -> bool | None:
+    """`leaf == constant` decided here: the value decoded into plain built-in values (never the
+    program's objects) compared with the constant from the tests; None if the judge must decide
+    (another form, or a value this process will not decode, e.g. an integer over 4300 digits)."""
+    if case.expected is NO_CONSTANT:
+        return None
+    try:
+        return bool(decode(json.loads(values[0])) == case.expected)
+    except (ValueError, TypeError, RecursionError, MemoryError):
+        return None
 
 
 def _judge(tests: TestSet, pending: dict[int, list[str]], limits: Limits, mode: str) -> dict[int, CaseResult] | str:

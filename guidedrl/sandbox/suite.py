@@ -9,23 +9,29 @@ isolation; tests/test_sandbox.py runs the same suite with assertions. A new atta
 
 from __future__ import annotations
 
+import datetime
 import os
+import platform
 import secrets
 import socket
+import statistics
+import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from guidedrl.sandbox.jail import isolation_mode
-from guidedrl.sandbox.run import RunResult, run_program
+from guidedrl.sandbox.cases import TestSet, parse_asserts
+from guidedrl.sandbox.jail import ISOLATION_BWRAP, Limits, isolation_mode, run_jailed, sandbox_python
+from guidedrl.sandbox.run import RunResult, run_batch, run_program
 
 _SHORT = (("timeout_s", 2.0), ("cpu_s", 1))  # for programs that only a timeout ends
 _CPU = (("timeout_s", 30.0), ("cpu_s", 1))  # for the program that only the CPU limit ends (slack: busy machine)
 WRONG = "def add(a, b):\n    return a - b\n"
 FORGE_TESTS = "assert add(20000, 3456) == 23456"  # 23456 appears nowhere but in the judge
-FORGE_PARTIAL = FORGE_TESTS + "\nassert add(1, 2) == 3"
+FORGE_PARTIAL = FORGE_TESTS + "\nassert abs(add(1, 2) - 3) < 0.5"  # compared here, and by the judge
 # _posixsubprocess.fork_exec raises no audit event; its arguments as subprocess passes them (Python 3.11+)
 SPAWN = """
 def spawn(argv):
@@ -164,9 +170,10 @@ while f is not None:
     if isinstance(job, dict):
         print(json.dumps(job))
         job['leaves'] = ['True'] * len(job.get('leaves', []))
-    if 'report' in f.f_locals:
-        f.f_locals['report']({{'leaf': 0, 'value': 'true'}})
-        f.f_locals['report']({{'done': True}})
+    report = f.f_globals.get('report')
+    if callable(report) and f.f_globals is not globals():  # the harness's own report function
+        report({{'leaf': 0, 'value': 'true'}})
+        report({{'done': True}})
     f = f.f_back
 """, "test_failed", tests=FORGE_TESTS),
     Hostile("read its own job and every open file", WRONG + "import os\nfor p in os.listdir('/box'):\n"
@@ -261,9 +268,6 @@ def run_suite(isolation: str = "auto", workers: int = 4) -> dict[str, tuple[RunR
 def selftest(isolation: str = "auto") -> int:
     """Run the hostile suite and print a Markdown table; 1 if any program got another reason than
     expected or anything got out."""
-    import datetime
-    import platform
-
     mode = isolation_mode(isolation)
     print(f"Date: {datetime.date.today()}  Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, euid {os.geteuid()}  Isolation: {mode}\n")
@@ -279,3 +283,35 @@ def selftest(isolation: str = "auto") -> int:
     left = leftover_processes()
     print(f"\n{len(HOSTILE)} programs, {failures} failure(s); sandbox processes left: {len(left)}.")
     return 1 if failures or left else 0
+
+
+def overhead(rounds: int = 20) -> None:
+    """What a test case costs, A/B interleaved in one run: the interpreter alone, the interpreter in
+    the jail, one case `assert f() == 1` end to end (its jail, the harness, the comparison) and one
+    `assert abs(f() - 1) < 0.5` (the same, then the judge's jail); then the throughput of a batch
+    of 8 programs x 4 cases with the default workers."""
+    exe, limits = sandbox_python().exe, Limits(timeout_s=60)
+    argv = [exe, "-I", "-S", "-B", "-c", "pass"]
+    program = "def f():\n    return 1"
+    steps = {"interpreter alone": lambda: subprocess.run(argv, check=True),
+             "interpreter in the jail": lambda: run_jailed(argv, {}, b"", limits, ISOLATION_BWRAP),
+             "case `assert f() == 1`": lambda: run_program(program, "assert f() == 1", timeout_s=60),
+             "case `assert abs(f() - 1) < 0.5` (+ judge)": lambda: run_program(program, "assert abs(f() - 1) < 0.5",
+                                                                                timeout_s=60)}
+    runs: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            runs[name].append(time.perf_counter() - t0)
+    for name, times in runs.items():
+        print(f"{name}: median {statistics.median(times) * 1000:.0f} ms over {rounds} runs")
+    asserts, setup = parse_asserts("\n".join(f"assert f({i}) == {i}" for i in range(4)), "bench")
+    items = [("def f(x):\n    return x", TestSet(asserts=asserts, judge_setup=setup))] * 8
+    t0 = time.perf_counter()
+    results = run_batch(items, limits)
+    took = time.perf_counter() - t0
+    if not all(r.ok for r in results):
+        raise RuntimeError(f"the benchmark's programs failed: {[r.detail for r in results if not r.ok]}")
+    print(f"batch of 8 programs x 4 cases `assert f(i) == i` (32 jails), {os.cpu_count()} CPUs, default workers: "
+          f"{took:.2f} s, {took / 32 * 1000:.0f} ms per case")
