@@ -8,7 +8,6 @@ import math
 import sys
 from collections import Counter, OrderedDict, deque
 from decimal import Decimal
-from fractions import Fraction
 
 import pytest
 from hypothesis import given

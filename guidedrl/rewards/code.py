@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from guidedrl.core.errors import ConfigError, DataError
 from guidedrl.core.types import Sample
-from guidedrl.sandbox.cases import TestSet, parse_asserts, parse_io, top_level_names
+from guidedrl.sandbox.cases import AssertCase, TestSet, parse_asserts, parse_io, top_level_names
 from guidedrl.sandbox.jail import Limits, isolation_mode
 from guidedrl.sandbox.run import run_batch
 
@@ -40,8 +40,8 @@ def tests_of(sample: Sample, code: str, tests_field: str = "tests", io_field: st
     tests, io = sample.extra.get(tests_field), sample.extra.get(io_field)
     if tests is None and io is None:
         return None
-    asserts: tuple = ()
-    setup: tuple = ()
+    asserts: tuple[AssertCase, ...] = ()
+    setup: tuple[str, ...] = ()
     if tests is not None:
         if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
             tests = "\n".join(tests)
@@ -78,7 +78,8 @@ def code_reward(
     `code/detail`, `code/passed`, `code/total`, `code/seconds`, `code/isolation` (the weaker
     fallback says so here).
     """
-    limits = Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, file_mb=file_mb, nproc=nproc, disk_mb=disk_mb)
+    limits = Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, file_mb=file_mb, nproc=nproc,
+                    disk_mb=disk_mb)
     codes = [extract_code(text) for text in completions]
     tests = [tests_of(s, c, tests_field, io_field) for s, c in zip(samples, codes, strict=True)]
     todo = [i for i, t in enumerate(tests) if t is not None]
@@ -99,7 +100,10 @@ def code_reward(
     return scores, infos
 
 
-def make_code_reward(**args: Any) -> Callable[[list[Sample], list[str]], tuple[list[float | None], list[dict[str, Any]]]]:
+RewardFn = Callable[[list[Sample], list[str]], tuple[list[float | None], list[dict[str, Any]]]]
+
+
+def make_code_reward(**args: Any) -> RewardFn:
     """`code_reward` with `args` checked now (ConfigError naming the bad one) and bound; also
     checks, once per process, which isolation will run (warning if it is the weaker fallback)."""
     known = [p for p in inspect.signature(code_reward).parameters if p not in ("samples", "completions")]

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ast
 import builtins
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from guidedrl.core.errors import DataError
@@ -66,10 +66,11 @@ class TestSet:
     judge_setup: tuple[str, ...] = ()
     """The setup statements the judge runs (those that need nothing of the program)."""
     io: tuple[IOCase, ...] = ()
-    cases: int = field(init=False)
+    __test__ = False  # not a pytest class
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "cases", len(self.asserts) + len(self.io))
+    @property
+    def cases(self) -> int:
+        return len(self.asserts) + len(self.io)
 
 
 # ----------------------------------------------------------------------------- names

@@ -144,10 +144,10 @@ def program(job: dict) -> None:
         except BaseException as e:  # noqa: BLE001
             report({"leaf": i, "raised": _describe(e)})
             continue
-        try:
+        try:  # draining an iterator runs the program's code: anything may come out of it
             report({"leaf": i, "value": json.dumps(encode(value))})
-        except (TypeError, ValueError, RecursionError) as e:
-            report({"leaf": i, "unencodable": str(e)[:300]})
+        except BaseException as e:  # noqa: BLE001
+            report({"leaf": i, "unencodable": _describe(e)[:300]})
     _flush()
     report({"done": True})
     os._exit(0)  # the program's threads and atexit handlers have no say any more

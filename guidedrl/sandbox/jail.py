@@ -73,7 +73,8 @@ class Limits:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ConfigError(f"code reward: `{f.name}` must be a positive number, got {value!r}")
         if self.memory_mb < 64:
-            raise ConfigError(f"code reward: `memory_mb` must be >= 64 (the interpreter needs it), got {self.memory_mb}")
+            raise ConfigError(f"code reward: `memory_mb` must be >= 64 (the interpreter needs it), "
+                              f"got {self.memory_mb}")
         if self.nproc < 4:
             raise ConfigError(f"code reward: `nproc` must be >= 4 (the jail itself takes 2), got {self.nproc}")
 
@@ -258,7 +259,8 @@ def run_jailed(argv: list[str], files: dict[str, bytes], stdin: bytes, limits: L
     fds: list[int] = []
     box = None
     try:
-        std = [_memfd(n, d) for n, d in (("stdin", stdin), ("stdout", b""), ("stderr", b""), ("report", b""), ("status", b""))]
+        std = [_memfd(name, data) for name, data in (("stdin", stdin), ("stdout", b""), ("stderr", b""),
+                                                     ("report", b""), ("status", b""))]
         fds += std
         file_fds = {name: _memfd(name, data) for name, data in files.items()}
         fds += file_fds.values()
@@ -306,8 +308,8 @@ def _wait(cmd: list[str], cwd: str, env: dict[str, str], std: list[int], keep: t
     up to the deadline, kill its session on the deadline."""
     ids = {"user": uid, "group": uid, "extra_groups": []} if uid is not None else {}
     t0 = time.monotonic()
-    proc = subprocess.Popen(cmd, stdin=std[0], stdout=std[1], stderr=std[2], pass_fds=keep, cwd=cwd,
-                            env={"PATH": "/usr/bin:/bin", **env}, start_new_session=True, **ids)  # type: ignore[arg-type]
+    proc = subprocess.Popen(cmd, stdin=std[0], stdout=std[1], stderr=std[2], pass_fds=keep, cwd=cwd,  # type: ignore
+                            env={"PATH": "/usr/bin:/bin", **env}, start_new_session=True, **ids)
     try:  # a pidfd becomes readable when the process ends: no polling (Popen.wait's costs ~20 ms a run)
         pidfd = os.pidfd_open(proc.pid)
         try:
@@ -391,8 +393,10 @@ def isolation_mode(requested: str = "auto") -> str:
 
 def _probe() -> str:
     """Why bubblewrap cannot run a trivial program here; "" if it can."""
-    if shutil.which("bwrap") is None or shutil.which("prlimit") is None:
-        return "no `bwrap` (Debian: apt-get install bubblewrap)" if shutil.which("prlimit") else "no `prlimit` (util-linux)"
+    if shutil.which("prlimit") is None:
+        return "no `prlimit` (util-linux)"
+    if shutil.which("bwrap") is None:
+        return "no `bwrap` (Debian: apt-get install bubblewrap)"
     try:
         exe = sandbox_python().exe
         r = run_jailed([exe, "-I", "-S", "-c", "print('ok')"], {}, b"", Limits(timeout_s=60), ISOLATION_BWRAP)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from guidedrl.core.errors import DataError
-from guidedrl.sandbox.cases import NO_CONSTANT, AssertCase, TestSet, parse_asserts, parse_io, same_output, top_level_names
+from guidedrl.sandbox.cases import (LEAF, NO_CONSTANT, AssertCase, TestSet, parse_asserts, parse_io, same_output,
+                                    top_level_names)
 from guidedrl.sandbox.harness import decode
 from guidedrl.sandbox.jail import BOX, Exit, Limits, isolation_mode, run_jailed, sandbox_python
 
@@ -188,7 +189,8 @@ def run_batch(items: list[tuple[str, TestSet | None]], limits: Limits | None = N
         verdicts = list(pool.map(lambda j: _judge(j[1], j[2], limits, mode), judged))
     for (i, tests, _), verdict in zip(judged, verdicts):
         if isinstance(verdict, str):
-            raise DataError(f"{where[i] if where else f'item {i}'}: the tests' own setup failed in the sandbox: {verdict}")
+            name = where[i] if where else f"item {i}"
+            raise DataError(f"{name}: the tests' own setup failed in the sandbox: {verdict}")
         outcomes[i][0].update(verdict)
     return [_result(by_item[i], outcomes[i][0] if tests is not None else None, tests, limits, mode)
             for i, (_, tests) in enumerate(items)]
@@ -234,7 +236,7 @@ def _equals_constant(case: AssertCase, values: list[str]) -> bool | None:
 def _judge(tests: TestSet, pending: dict[int, list[str]], limits: Limits, mode: str) -> dict[int, CaseResult] | str:
     """The judge's verdict on each pending case; a string if the tests' own setup failed."""
     order = sorted(pending)
-    cases = [{"expr": tests.asserts[k].expr, "values": {f"_guidedrl_leaf_{j}": v for j, v in enumerate(pending[k])}}
+    cases = [{"expr": tests.asserts[k].expr, "values": {f"{LEAF}{j}": v for j, v in enumerate(pending[k])}}
              for k in order]
     job = {"mode": "judge", "setup": list(tests.judge_setup), "cases": cases}
     ex = _jail({"harness.py": HARNESS, "job.json": json.dumps(job).encode()}, "", limits, mode)
@@ -272,7 +274,8 @@ def _result(exits: dict[int, Exit], cases: dict[int, CaseResult] | None, tests: 
     total = tests.cases if tests is not None else 0
     detail = case.detail
     if failed and tests is not None:
-        name = tests.asserts[first].source if first < len(tests.asserts) else f"stdin/stdout case {first - len(tests.asserts) + 1}"
+        n = len(tests.asserts)
+        name = tests.asserts[first].source if first < n else f"stdin/stdout case {first - n + 1}"
         detail = f"case {first + 1} of {total} ({name}): {detail}"
     return RunResult(ok=not failed, reason=case.reason, detail=detail, passed=passed, total=total,
                      stdout=_head(ex.stdout, max_output), stderr=_head(ex.stderr, max_output),

@@ -270,7 +270,8 @@ def selftest(isolation: str = "auto") -> int:
     expected or anything got out."""
     mode = isolation_mode(isolation)
     print(f"Date: {datetime.date.today()}  Machine: {platform.platform()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, euid {os.geteuid()}  Isolation: {mode}\n")
+          f"Python {platform.python_version()}, euid {os.geteuid()}  Isolation: {mode}  "
+          f"Jail interpreter: {sandbox_python().exe}\n")
     print("| program | expected | got | score | got out |")
     print("| --- | --- | --- | --- | --- |")
     results = run_suite(isolation)
