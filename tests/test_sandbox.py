@@ -283,6 +283,8 @@ def test_auto_falls_back_with_one_warning_and_bwrap_refuses(monkeypatch) -> None
     assert len(caught) == 1 and "WITHOUT file-system, network or process isolation" in str(caught[0].message)
     with pytest.raises(SandboxError, match="bubblewrap cannot run here"):
         isolation_mode("bwrap")
+    with pytest.raises(ConfigError, match="code reward: `isolation`: .*bubblewrap cannot run here"):
+        make_code_reward(isolation="bwrap")
 
 
 # ----------------------------------------------------------------------------- the reward

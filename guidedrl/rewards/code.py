@@ -16,7 +16,7 @@ from typing import Any, Callable
 from guidedrl.core.errors import ConfigError, DataError
 from guidedrl.core.types import Sample
 from guidedrl.sandbox.cases import AssertCase, TestSet, parse_asserts, parse_io, top_level_names
-from guidedrl.sandbox.jail import Limits, isolation_mode
+from guidedrl.sandbox.jail import Limits, SandboxError, isolation_mode
 from guidedrl.sandbox.run import run_batch
 
 
@@ -111,5 +111,8 @@ def make_code_reward(**args: Any) -> RewardFn:
     if unknown:
         raise ConfigError(f"code reward: unknown argument(s) {unknown}; known: {known}")
     Limits(**{k: args[k] for k in ("timeout_s", "cpu_s", "memory_mb", "file_mb", "nproc", "disk_mb") if k in args})
-    isolation_mode(args.get("isolation", "auto"))
+    try:
+        isolation_mode(args.get("isolation", "auto"))
+    except SandboxError as e:  # `isolation: bwrap` where bubblewrap cannot run: the setting cannot hold
+        raise ConfigError(f"code reward: `isolation`: {e}") from None
     return functools.partial(code_reward, **args)

@@ -42,6 +42,7 @@ STARTUP_S = 2.0  # allowance on top of `timeout_s` for starting the jail and the
 UID_BASE = 1_600_000  # jail uids as root: UID_BASE + 64 * (pid % 4096) + slot; unused by real accounts
 SANDBOX_UID = 65534  # the uid inside the jail (nobody)
 BOX = "/box"  # where the jail sees the files of a run (read-only)
+MIN_BWRAP = (0, 8)  # --size (tmpfs quotas) and --disable-userns; Debian 12 has 0.8.0, Ubuntu 24.04 0.9.0
 
 
 class SandboxError(RuntimeError):
@@ -397,6 +398,9 @@ def _probe() -> str:
         return "no `prlimit` (util-linux)"
     if shutil.which("bwrap") is None:
         return "no `bwrap` (Debian: apt-get install bubblewrap)"
+    version = (subprocess.run(["bwrap", "--version"], capture_output=True, text=True).stdout.split() or ["?"])[-1]
+    if tuple(int(x) if x.isdigit() else 0 for x in version.split(".")[:2]) < MIN_BWRAP:
+        return f"bubblewrap {version} is older than {'.'.join(map(str, MIN_BWRAP))} (needs --size, --disable-userns)"
     try:
         exe = sandbox_python().exe
         r = run_jailed([exe, "-I", "-S", "-c", "print('ok')"], {}, b"", Limits(timeout_s=60), ISOLATION_BWRAP)
