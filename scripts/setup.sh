@@ -4,6 +4,20 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+# The code sandbox's jail is bubblewrap (docs/security.md); prlimit comes with util-linux.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then SUDO=""
+  elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null && command -v apt-get >/dev/null 2>&1; then SUDO="sudo -n"
+  else SUDO=none
+  fi
+  if [ "$SUDO" = none ] || ! { $SUDO apt-get install -y -q bubblewrap >/dev/null \
+      || { $SUDO apt-get update -q >/dev/null && $SUDO apt-get install -y -q bubblewrap >/dev/null; }; }; then
+    echo "error: the code sandbox needs bubblewrap (\`bwrap\`) and it could not be installed here" >&2
+    echo "       (needs apt-get as root or passwordless sudo). Install it with your package manager" >&2
+    echo "       (Debian/Ubuntu: bubblewrap, Fedora: bubblewrap, Arch: bubblewrap) and rerun." >&2
+    exit 1
+  fi
+fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi

@@ -1,16 +1,23 @@
 """Code-execution reward: run model-written Python against the sample's tests in the sandbox
-(`guidedrl.sandbox`); 1.0 when every test passes, or the share passed with `partial=True`."""
+(`guidedrl.sandbox`); 1.0 when every test case passes, or the share passed with `partial=True`.
+
+Tests per sample (docs/security.md): `sample.extra["tests"]`, assert statements (a string or a
+list of strings), and/or `sample.extra["io_tests"]`, a list of {"input": str, "output": str}
+run on stdin/stdout. The verdict is decided outside the program's process (`sandbox/run.py`).
+"""
 
 from __future__ import annotations
 
-import os
+import functools
+import inspect
 import re
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
 from guidedrl.core.errors import ConfigError, DataError
 from guidedrl.core.types import Sample
-from guidedrl.sandbox.exec import Isolation, Limits, isolation_mode, run_program
+from guidedrl.sandbox.cases import AssertCase, TestSet, parse_asserts, parse_io, top_level_names
+from guidedrl.sandbox.jail import Limits, SandboxError, isolation_mode
+from guidedrl.sandbox.run import run_batch
 
 
 def extract_code(text: str) -> str:
@@ -27,17 +34,23 @@ def extract_code(text: str) -> str:
     return blocks[-1] if blocks else text
 
 
-def _tests_of(sample: Sample, field: str) -> str | None:
-    """The sample's tests as one source string; None if it has none (the reward does not apply)."""
-    tests = sample.extra.get(field)
-    if tests is None:
+def tests_of(sample: Sample, code: str, tests_field: str = "tests", io_field: str = "io_tests") -> TestSet | None:
+    """The sample's test cases for `code`; None if it has none (the reward does not apply).
+    DataError naming the sample and field if they are malformed."""
+    tests, io = sample.extra.get(tests_field), sample.extra.get(io_field)
+    if tests is None and io is None:
         return None
-    if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
-        return "\n".join(tests)
-    if not isinstance(tests, str):
-        raise DataError(f"sample `{sample.id}`: `{field}` must be a string of asserts or a list of them, "
-                        f"got {type(tests).__name__}")
-    return tests
+    asserts: tuple[AssertCase, ...] = ()
+    setup: tuple[str, ...] = ()
+    if tests is not None:
+        if isinstance(tests, list) and all(isinstance(t, str) for t in tests):
+            tests = "\n".join(tests)
+        if not isinstance(tests, str):
+            raise DataError(f"sample `{sample.id}`: `{tests_field}` must be a string of asserts or a list of them, "
+                            f"got {type(tests).__name__}")
+        asserts, setup = parse_asserts(tests, f"sample `{sample.id}`: `{tests_field}`", top_level_names(code))
+    cases = parse_io(io, f"sample `{sample.id}`: `{io_field}`") if io is not None else ()
+    return TestSet(asserts=asserts, judge_setup=setup, io=cases)
 
 
 def code_reward(
@@ -45,53 +58,61 @@ def code_reward(
     completions: list[str],
     *,
     tests_field: str = "tests",
+    io_field: str = "io_tests",
     partial: bool = False,
     workers: int | None = None,
     timeout_s: float = 5.0,
     cpu_s: int = 5,
     memory_mb: int = 512,
     file_mb: int = 16,
-    nproc: int = 32,
+    nproc: int = 16,
     disk_mb: int = 64,
-    isolation: Isolation = "auto",
-    audit: bool = True,
+    isolation: str = "auto",
 ) -> tuple[list[float | None], list[dict[str, Any]]]:
-    """Score each completion by running its code against `sample.extra[tests_field]` in the sandbox.
+    """Score each completion by running its code against the sample's tests in the sandbox.
 
-    The code is `extract_code(completion)`; the tests are a string (or list) of asserts. Samples
-    without tests score None (not applicable). Programs run in parallel, `workers` at a time
-    (default: the CPU count, at most 8); each thread only waits on its subprocess. The limits are
-    `run_program`'s. Score: `RunResult.score(partial)`. Infos carry `code/reason`, `code/detail`,
-    `code/passed`, `code/total`, `code/seconds`.
+    The code is `extract_code(completion)`. Samples without tests score None (not applicable).
+    Every test case of every sample runs in its own jail, `workers` at a time (default: the CPU
+    count, at most 8); the limits are per case (`guidedrl.sandbox.jail.Limits`). Score: 1.0 if
+    every case passes, else 0.0; with `partial`, the share of cases passed. Infos: `code/reason`,
+    `code/detail`, `code/passed`, `code/total`, `code/seconds`, `code/isolation` (the weaker
+    fallback says so here).
     """
-    limits = {"timeout_s": timeout_s, "cpu_s": cpu_s, "memory_mb": memory_mb, "file_mb": file_mb, "nproc": nproc,
-              "disk_mb": disk_mb, "isolation": isolation, "audit": audit, "partial": partial}
-    jobs = [(extract_code(text), _tests_of(s, tests_field)) for s, text in zip(samples, completions, strict=True)]
-    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-        futures = [None if tests is None else pool.submit(run_program, code, tests, **limits) for code, tests in jobs]
-        results = [None if f is None else f.result() for f in futures]
+    limits = Limits(timeout_s=timeout_s, cpu_s=cpu_s, memory_mb=memory_mb, file_mb=file_mb, nproc=nproc,
+                    disk_mb=disk_mb)
+    codes = [extract_code(text) for text in completions]
+    tests = [tests_of(s, c, tests_field, io_field) for s, c in zip(samples, codes, strict=True)]
+    todo = [i for i, t in enumerate(tests) if t is not None]
+    results = run_batch([(codes[i], tests[i]) for i in todo], limits, isolation, workers,
+                        where=[f"sample `{samples[i].id}`" for i in todo])
+    by_index = dict(zip(todo, results))
     scores: list[float | None] = []
     infos: list[dict[str, Any]] = []
-    for r in results:
+    for i in range(len(samples)):
+        r = by_index.get(i)
         if r is None:
             scores.append(None)
             infos.append({"code/reason": "no_tests"})
             continue
         scores.append(r.score(partial))
         infos.append({"code/reason": r.reason, "code/detail": r.detail[:500], "code/passed": r.passed,
-                      "code/total": r.total, "code/seconds": r.elapsed_s})
+                      "code/total": r.total, "code/seconds": r.elapsed_s, "code/isolation": r.isolation})
     return scores, infos
 
 
-def make_code_reward(**args: Any) -> Callable[[list[Sample], list[str]], tuple[list[float | None], list[dict[str, Any]]]]:
-    """`code_reward` with `args` checked now (ConfigError naming the bad one) and bound."""
-    import functools
-    import inspect
+RewardFn = Callable[[list[Sample], list[str]], tuple[list[float | None], list[dict[str, Any]]]]
 
+
+def make_code_reward(**args: Any) -> RewardFn:
+    """`code_reward` with `args` checked now (ConfigError naming the bad one) and bound; also
+    checks, once per process, which isolation will run (warning if it is the weaker fallback)."""
     known = [p for p in inspect.signature(code_reward).parameters if p not in ("samples", "completions")]
     unknown = sorted(set(args) - set(known))
     if unknown:
         raise ConfigError(f"code reward: unknown argument(s) {unknown}; known: {known}")
     Limits(**{k: args[k] for k in ("timeout_s", "cpu_s", "memory_mb", "file_mb", "nproc", "disk_mb") if k in args})
-    isolation_mode(args.get("isolation", "auto"))
+    try:
+        isolation_mode(args.get("isolation", "auto"))
+    except SandboxError as e:  # `isolation: bwrap` where bubblewrap cannot run: the setting cannot hold
+        raise ConfigError(f"code reward: `isolation`: {e}") from None
     return functools.partial(code_reward, **args)
