@@ -118,7 +118,9 @@ def test_missing_prompt_lists_columns_and_names_the_mapped_column(tmp_path: Path
         load(path, fields=FieldMap(prompt="problem"))
     msg = str(err.value)
     assert f"{path}:1: missing prompt field `problem`" in msg
-    assert "data.fields.prompt" in msg and "columns present: question, answer" in msg
+    assert "`data.train.fields.prompt`" in msg and "columns present: question, answer" in msg  # the real key
+    with pytest.raises(DataError, match=r"set `data.eval.fields.prompt`"):
+        load_samples(DataSource(path=str(path), fields=FieldMap(prompt="problem")), key="data.eval")
 
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
