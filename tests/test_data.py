@@ -148,9 +148,11 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_negative_limit_is_a_config_error(tmp_path: Path) -> None:
+    from guidedrl.core.config import load_config
+
     path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a"}])
-    with pytest.raises(ConfigError, match=r"data.train.limit"):
-        load(path, limit=-1)
+    with pytest.raises(ConfigError, match=r"`data.train.limit`"):  # at load time, before any data is read
+        load_config(None, [f"data.train.path={path}", "data.train.limit=-1"])
 
 
 # ----------------------------------------------------------------------------- Parquet

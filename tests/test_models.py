@@ -70,8 +70,11 @@ def _short_model(**kw) -> tuple[torch.nn.Module, object, ModelConfig]:
 def test_long_prompt_is_cut_from_the_left_with_one_warning(capsys) -> None:
     _, tok, _ = _short_model()
     long = Sample(id="long-1", prompt="What is 12 + 7? " * 30)
-    want = [tok.bos_token_id] + tok(long.prompt, add_special_tokens=False)["input_ids"]
-    assert len(want) > 24
+    from guidedrl.nn.models import make_tiny_tokenizer
+
+    unlimited = make_tiny_tokenizer()  # the same tokenizer, loaded with no model: no limit known
+    want = render_prompt(unlimited, long, chat=False)
+    assert len(want) > 24 and want == render_prompt(unlimited, long, chat=False)
     got = render_prompt(tok, long, chat=False)
     assert got == want[-24:]  # the last 24 tokens: the end of the problem stays next to the response
     err = capsys.readouterr().err
@@ -79,7 +82,8 @@ def test_long_prompt_is_cut_from_the_left_with_one_warning(capsys) -> None:
     render_prompt(tok, Sample(id="long-2", prompt="Start at 3. " * 40), chat=True)
     assert capsys.readouterr().err == "", "warned once"
     short = Sample(id="s", prompt="1+1?")
-    assert render_prompt(tok, short, chat=False) == [tok.bos_token_id] + tok("1+1?", add_special_tokens=False)["input_ids"]
+    assert render_prompt(tok, short, chat=False) == render_prompt(unlimited, short, chat=False)
+    assert len(render_prompt(unlimited, Sample(id="x", prompt="Start at 3. " * 40), chat=True)) > 24
 
 
 def test_long_prompt_refused_when_set_and_max_prompt_tokens() -> None:
