@@ -96,6 +96,24 @@ def test_long_prompt_refused_when_set_and_max_prompt_tokens() -> None:
     assert len(render_prompt(tok, Sample(id="a", prompt="What is 12 + 7? " * 3), chat=False)) == 10
 
 
+def test_a_run_with_a_too_long_prompt_trains_on_its_end_and_warns_once(tmp_path: Path, capsys) -> None:
+    """The trainer and its evaluation render prompts through `render_prompt`: the model's limit holds there."""
+    import json
+
+    from guidedrl.app.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"id": "huge", "prompt": "What is 12 + 7? " * 2000, "answer": "19"}) + "\n"
+                    + json.dumps({"id": "small", "prompt": "What is 1 + 1?", "answer": "2"}) + "\n")
+    sets = ["model.path=tiny", "model.tiny.max_position_embeddings=64", f"data.train.path={data}",
+            f"data.eval.path={data}", "data.eval.task=null", "eval.samples=1", "rollout.max_new_tokens=4",
+            "rollout.group_size=2", "train.prompts_per_step=2", "train.micro_batch_size=4", "train.steps=1",
+            "run.progress=false"]
+    assert main(["train", "--out", str(tmp_path / "run")] + [a for x in sets for a in ("--set", x)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("sample `huge`: the prompt has") == 1 and "keeping its last 64 tokens" in err
+
+
 # ----------------------------------------------------------------------------- GGUF and damaged weights
 
 

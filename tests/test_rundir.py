@@ -145,7 +145,7 @@ def test_torn_last_log_line_is_dropped_with_a_warning(finished: Path, tmp_path: 
     with (run / "completions.jsonl").open("a") as f:
         f.write('{"step": 3, "sam')
     capsys.readouterr()
-    assert main(["train", "--resume", str(run)]) == 0
+    assert main(["train", "--resume", str(run), "--out", str(run)]) == 0  # --out naming the run's own folder is fine
     err = capsys.readouterr().err
     assert "metrics.jsonl" in err and "incomplete last line" in err and "Traceback" not in err
     assert _metrics(run) == _metrics(finished)
@@ -197,6 +197,62 @@ def test_full_disk_during_a_checkpoint_is_a_clean_error_then_resumes(
     assert _metrics(run) == _metrics(finished) and _same_weights(run, finished)
 
 
+def _logger(run: Path):
+    from guidedrl.trainer.runlog import RunLogger
+
+    return RunLogger(run, 10, 0, progress=False, loggers=[], config={})
+
+
+def test_log_rewrite_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that dies halfway (a kill, a full disk) during the resume's log rewrite loses no row."""
+    import builtins
+    import io
+
+    rows = "".join(json.dumps({"step": i, "reward/mean": i / 10}) + "\n" for i in range(5))
+    (tmp_path / "metrics.jsonl").write_text(rows)
+    real_open = io.open
+
+    class HalfThenFail:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text: str) -> int:
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device (simulated)")
+
+        def __getattr__(self, name: str):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> None:
+            self.f.close()
+
+    def half_open(file, mode="r", *a, **k):
+        f = real_open(file, mode, *a, **k)
+        return HalfThenFail(f) if "metrics.jsonl" in str(file) and "w" in mode else f
+
+    monkeypatch.setattr(builtins, "open", half_open)
+    monkeypatch.setattr(io, "open", half_open)
+    with pytest.raises(OSError, match="simulated"):
+        _logger(tmp_path).truncate_after(2)
+    monkeypatch.undo()
+    assert (tmp_path / "metrics.jsonl").read_text() == rows
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"], "no temp file left"
+    _logger(tmp_path).truncate_after(2)
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1, 2]
+
+
+def test_a_bad_line_inside_a_log_names_file_and_line(tmp_path: Path) -> None:
+    from guidedrl.core.errors import DataError
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n{"step": 1, oops\n{"step": 2}\n')
+    with pytest.raises(DataError, match=r"metrics.jsonl:2: not a JSON line"):
+        _logger(tmp_path).truncate_after(5)
+
+
 # ----------------------------------------------------------------------------- start-up
 
 
@@ -212,7 +268,7 @@ def test_failed_start_removes_the_folder_it_created(tmp_path: Path, capsys) -> N
     keep.mkdir()
     (keep / "notes.txt").write_text("mine")
     assert main(_args(bad, keep)) == 2
-    assert sorted(p.name for p in keep.iterdir() if not p.name.startswith(".")) == ["notes.txt"]
+    assert sorted(p.name for p in keep.iterdir()) == ["notes.txt"]  # no config.yaml, no .lock
 
 
 def test_unwritable_out_is_a_one_line_error(data: Path, tmp_path: Path, capsys) -> None:

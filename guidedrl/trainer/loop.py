@@ -266,9 +266,13 @@ class _StopFlag:
 def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Path:
     """Train `cfg` into `run_dir` (created; or continued from its latest checkpoint when resume).
 
+    The folder is locked for the run and must not hold another run unless resuming
+    (`guidedrl.trainer.rundir`); a failed start removes what it created. A SIGINT / SIGTERM stops
+    the run after checkpointing its step and raises `rundir.Interrupted`.
+
     Under `torchrun` every process runs this; process 0 alone writes the run folder, evaluates and
     saves (see `guidedrl.core.dist` for how the update is shared)."""
-    from guidedrl.trainer.checkpoint import read_checkpoint, restore, save_checkpoint
+    from guidedrl.trainer.checkpoint import save_checkpoint
 
     dist.init_from_env()
     if cfg.train.prompts_per_step % dist.world_size():
@@ -276,28 +280,9 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
                           f"{dist.world_size()} processes")
     run_dir = Path(dist.broadcast_object(str(run_dir or default_run_dir(cfg))))  # process 0's clock names it
     folder = rundir.claim(run_dir, resume=resume, config=dump_config(cfg)) if dist.is_main() else None
-    try:  # start-up: a failure or a signal removes what the claim made
+    try:  # start-up: a failure or a signal (which stops at once) removes what the claim made
         with _StopFlag(at_once=True):
-            seed_everything(cfg.train.seed)
-            parts = build_parts(cfg)
-            dist.broadcast_module(parts.model)  # one policy on every process, whatever its init
-            st = StepState()
-            ckpt = None
-            if resume:  # process 0 picks the checkpoint (and cuts the logs back to it); every process loads it
-                ckpt = rundir.resume_point(run_dir) if folder is not None else None
-                where = dist.broadcast_object(str(ckpt.path) if ckpt is not None else "")
-                ckpt = ckpt or (read_checkpoint(Path(where)) if where else None)
-            if ckpt is not None:
-                restore(ckpt, parts.model, parts.optimizer, parts.scheduler)
-                st = StepState.from_json(ckpt.state["train"])
-                parts.selector.load_state_dict(ckpt.state["selector"])
-                if parts.guide is not None:
-                    parts.guide.load_state_dict(ckpt.state.get("guide", {}))
-            log: RunLogger | NullLogger = NullLogger()
-            if folder is not None:
-                log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
-                                config=cfg.model_dump(mode="json"))
-                folder.started()
+            parts, st, log = _start(cfg, run_dir, folder, resume=resume)
     except BaseException:
         if folder is not None:
             folder.abandon()
@@ -314,7 +299,8 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
     try:
         stopped_by = _train_loop(parts, st, log, save, run_dir)
         if not stopped_by and dist.is_main():
-            (run_dir / rundir.DONE).write_text(json.dumps({"steps": st.step, "finished": datetime.now().isoformat()}) + "\n")
+            done = {"steps": st.step, "finished": datetime.now().isoformat()}
+            (run_dir / rundir.DONE).write_text(json.dumps(done) + "\n")
     finally:
         log.close()
         if folder is not None:
@@ -323,6 +309,35 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
         raise rundir.Interrupted(stopped_by, f"{signal.Signals(stopped_by).name}: stopped at step {st.step}, checkpoint "
                                              f"saved; resume with: guidedrl train --resume {run_dir}")
     return run_dir
+
+
+def _start(cfg: Config, run_dir: Path, folder: rundir.RunDir | None, *, resume: bool
+           ) -> tuple[Parts, StepState, RunLogger | NullLogger]:
+    """Build the parts; with `resume`, restore the checkpoint process 0 picks (`rundir.resume_point`,
+    which also cuts the logs back to it) on every process. `folder`: process 0's claimed run folder."""
+    from guidedrl.trainer.checkpoint import read_checkpoint, restore
+
+    seed_everything(cfg.train.seed)
+    parts = build_parts(cfg)
+    dist.broadcast_module(parts.model)  # one policy on every process, whatever its init
+    st = StepState()
+    ckpt = None
+    if resume:
+        ckpt = rundir.resume_point(run_dir) if folder is not None else None
+        where = dist.broadcast_object(str(ckpt.path) if ckpt is not None else "")
+        ckpt = ckpt or (read_checkpoint(Path(where)) if where else None)
+    if ckpt is not None:
+        restore(ckpt, parts.model, parts.optimizer, parts.scheduler)
+        st = StepState.from_json(ckpt.state["train"])
+        parts.selector.load_state_dict(ckpt.state["selector"])
+        if parts.guide is not None:
+            parts.guide.load_state_dict(ckpt.state.get("guide", {}))
+    log: RunLogger | NullLogger = NullLogger()
+    if folder is not None:
+        log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
+                        config=cfg.model_dump(mode="json"))
+        folder.started()
+    return parts, st, log
 
 
 def _train_loop(parts: Parts, st: StepState, log: RunLogger | NullLogger, save: Callable[[], None], run_dir: Path) -> int:
