@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_line(label: str, message: str) -> None:
     """`label message` on stderr, never wrapped at the terminal's width (a line per line of the message)."""
-    from rich.markup import escape
+    from rich.markup import escape  # (here, not at the top: `guidedrl --help` starts without rich)
 
     from guidedrl.core.console import console
 

@@ -8,11 +8,12 @@ import os
 import types
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.markup import escape
 from safetensors import SafetensorError
 from torch import nn
 
@@ -192,7 +193,9 @@ def load_model(cfg: ModelConfig, tokenizer: Any, *, trainable: bool = True) -> n
         if gguf:
             _forget_gguf(model)
     model = model.to(device=device, dtype=dtype)
-    _PROMPT_LIMITS[tokenizer] = PromptLimit.of(model, cfg)
+    limit = PromptLimit.of(model, cfg)
+    if _PROMPT_LIMITS.get(tokenizer) != limit:  # (the reference model, loaded second, keeps the policy's warning state)
+        _PROMPT_LIMITS[tokenizer] = limit
     if cfg.autocast != "none":
         autocast_trunk(model, getattr(torch, cfg.autocast))
     if cfg.gradient_checkpointing and trainable:
@@ -246,7 +249,7 @@ class PromptLimit:
 
     max_tokens: int
     overflow: str = "truncate"
-    warned: bool = False
+    warned: bool = field(default=False, compare=False)
 
     @classmethod
     def of(cls, model: nn.Module, cfg: ModelConfig) -> "PromptLimit | None":
@@ -261,12 +264,11 @@ class PromptLimit:
         what = (f"sample `{sample.id}`: the prompt has {len(ids)} tokens, more than the {self.max_tokens} the "
                 "model takes (model.max_prompt_tokens, default the model's positions)")
         if self.overflow == "error":
-            raise DataError(f"{what}; shorten it, or set model.prompt_overflow=truncate (model.prompt_overflow=error)")
+            raise DataError(f"{what}; shorten it, or set model.prompt_overflow=truncate to keep its end")
         if not self.warned:
             self.warned = True
-            console.print(f"[yellow]warning:[/] {what}; keeping its last {self.max_tokens} tokens "
-                          "(model.prompt_overflow=truncate; further cuts are not reported)",
-                          markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[yellow]warning:[/] {escape(what)}; keeping its last {self.max_tokens} tokens "
+                          "(model.prompt_overflow=truncate; further cuts are not reported)", highlight=False, soft_wrap=True)
         return ids[-self.max_tokens :]
 
 
