@@ -188,10 +188,12 @@ def test_exception_mid_save_keeps_previous(tmp_path: Path, monkeypatch, fail_at:
     elif fail_at == "rename":
         monkeypatch.setattr(os, "rename", boom)
     elif fail_at == "latest":
-        monkeypatch.setattr(ck, "_write_text_atomic", boom)
-    with pytest.raises(OSError, match="simulated"):
+        monkeypatch.setattr(ck, "write_text_atomic", boom)
+    with pytest.raises(ck.CheckpointError, match=r"checkpoint step-000002 .*could not be written.*simulated") as err:
         save_checkpoint(tmp_path, 2, model=model, optimizer=opt, scheduler=sched, state={"pos": 2})
+    assert "\n" not in str(err.value) and "MB free" in str(err.value)
     monkeypatch.undo()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*")), "a failed save removes its temp folder at once"
 
     assert (tmp_path / "checkpoints" / "latest").read_text().strip() == "step-000001"
     ckpt = load_checkpoint(tmp_path)
@@ -294,3 +296,81 @@ def test_sigkill_mid_save_leaves_previous_usable(tmp_path: Path) -> None:
     save_checkpoint(run, step + 1, model=model, optimizer=opt, state={"step": step + 1})
     assert not list(root.glob(".tmp-*"))
     assert json.loads((root / "step-{:06d}".format(step + 1) / "state.json").read_text())["step"] == step + 1
+
+
+def test_stale_temp_folders_are_removed_before_a_save(tmp_path: Path, monkeypatch) -> None:
+    """A dead writer's half-written checkpoint can hold the disk space the next save needs."""
+    model = tiny_llama(seed=0)
+    save_checkpoint(tmp_path, 1, model=model)
+    root = tmp_path / "checkpoints"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = root / f".tmp-step-000002-{int(dead.stdout)}"
+    stale.mkdir()
+    (stale / "optimizer.pt").write_bytes(b"x" * 1000)
+    half = root / "step-000007"  # a step folder without COMPLETE: debris too
+    half.mkdir()
+    real = ck._write_contents
+    seen: list[list[str]] = []
+
+    def spy(tmp, *a, **k):
+        seen.append(sorted(p.name for p in root.iterdir()))
+        return real(tmp, *a, **k)
+
+    monkeypatch.setattr(ck, "_write_contents", spy)
+    save_checkpoint(tmp_path, 2, model=model)
+    assert stale.name not in seen[0] and half.name not in seen[0], seen[0]
+
+
+def _damage(folder: Path, how: str) -> str:
+    if how == "truncated weights":
+        weights = folder / "model" / "model.safetensors"
+        with weights.open("r+b") as f:
+            f.truncate(weights.stat().st_size // 2)
+        return "model/model.safetensors"
+    if how == "truncated optimizer":
+        opt = folder / "optimizer.pt"
+        with opt.open("r+b") as f:
+            f.truncate(opt.stat().st_size - 10)
+        return "optimizer.pt"
+    (folder / "rng.pt").unlink()
+    return "rng.pt"
+
+
+@pytest.mark.parametrize("how", ["truncated weights", "truncated optimizer", "missing rng.pt"])
+def test_damaged_latest_falls_back_to_the_previous_complete_one(tmp_path: Path, caplog, how: str) -> None:
+    model = tiny_llama(seed=0)
+    opt, sched = make_opt(model)
+    for step in (1, 2):
+        train_step(model, opt, sched)
+        if step == 1:
+            want = params(model)
+        save_checkpoint(tmp_path, step, model=model, optimizer=opt, scheduler=sched, state={"pos": step}, keep_last=3)
+    named = _damage(tmp_path / "checkpoints" / "step-000002", how)
+    with caplog.at_level(logging.WARNING, logger="guidedrl.trainer.checkpoint"):
+        ckpt = load_checkpoint(tmp_path)
+    assert ckpt.step == 1
+    assert "step-000002 is damaged" in caplog.text and named in caplog.text and "using step-000001" in caplog.text
+    fresh = tiny_llama(seed=9)
+    o2, s2 = make_opt(fresh)
+    restore(ckpt, fresh, o2, s2)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in want.items())
+    # every checkpoint damaged: an error naming them, never a silent start from scratch
+    _damage(tmp_path / "checkpoints" / "step-000001", how)
+    with pytest.raises(ck.CheckpointError, match=r"no usable checkpoint.*step-000002.*step-000001"):
+        load_checkpoint(tmp_path)
+
+
+def test_unreadable_files_restore_as_model_errors(tmp_path: Path) -> None:
+    """Damage the manifest cannot see (same size, other bytes) is still a one-line error, not a traceback."""
+    model = tiny_llama(seed=0)
+    opt, sched = make_opt(model)
+    save_checkpoint(tmp_path, 1, model=model, optimizer=opt, scheduler=sched)
+    folder = tmp_path / "checkpoints" / "step-000001"
+    for name in ("model/model.safetensors", "optimizer.pt", "rng.pt"):
+        f = folder / name
+        good = f.read_bytes()
+        f.write_bytes(b"\0" * len(good))
+        with pytest.raises(ModelError, match=name):
+            restore(load_checkpoint(tmp_path), model, opt, sched)
+        f.write_bytes(good)
+    restore(load_checkpoint(tmp_path), model, opt, sched)

@@ -172,3 +172,47 @@ def test_each_injection_rejects_fields_it_does_not_use(injection: str) -> None:
 def test_silent_combinations_fail_at_load_time(tree: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(tree)
+
+
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("train.grad_clip=-1", "train.grad_clip"),  # clip_grad_norm_ with a negative max norm reverses the gradient
+        ("train.grad_clip=0", "train.grad_clip"),
+        ("train.lr=-1", "train.lr"),
+        ("train.lr=0", "train.lr"),
+        ("train.lr=nan", "train.lr"),
+        ("train.lr=.inf", "train.lr"),
+        ("train.betas=[2,2]", "train.betas.0"),
+        ("train.betas=[0.9,1.0]", "train.betas.1"),
+        ("train.betas=[-0.1,0.9]", "train.betas.0"),
+        ("train.weight_decay=-1", "train.weight_decay"),
+        ("train.weight_decay=nan", "train.weight_decay"),
+        ("train.warmup_steps=-1", "train.warmup_steps"),
+        ("train.max_nonfinite=0", "train.max_nonfinite"),
+        ("run.save_every=-1", "run.save_every"),
+        ("run.keep_last=0", "run.keep_last"),  # trained the whole run, then crashed at the final save
+        ("run.log_completions=-1", "run.log_completions"),
+        ("eval.samples=0", "eval.samples"),
+        ("eval.every=-1", "eval.every"),
+        ("eval.limit=0", "eval.limit"),
+        ("eval.temperature=0", "eval.temperature"),
+        ("model.max_prompt_tokens=0", "model.max_prompt_tokens"),
+        ("model.lora={r: 0}", "model.lora.r"),
+        ("model.lora={dropout: 1.0}", "model.lora.dropout"),
+        ("model.tiny.hidden_size=0", "model.tiny.hidden_size"),
+        ("data.train.limit=-1", "data.train.limit"),
+        ("reward.overlong={cache_len: 0}", "reward.overlong.cache_len"),
+        ("reward.terms=[{name: exact, weight: .nan}]", "reward.terms.0.weight"),
+    ],
+)
+def test_bad_numbers_fail_at_load_naming_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config("grpo", [override])
+    assert f"`{key}`" in str(e.value), str(e.value)
+
+
+def test_edge_values_that_are_fine() -> None:
+    cfg = load_config("grpo", ["train.grad_clip=null", "train.betas=[0.0,0.0]", "train.weight_decay=0", "train.warmup_steps=0",
+                               "run.save_every=0", "run.keep_last=1", "eval.samples=1", "eval.limit=null"])
+    assert cfg.train.grad_clip is None and cfg.train.betas == (0.0, 0.0) and cfg.run.keep_last == 1

@@ -118,7 +118,9 @@ def test_missing_prompt_lists_columns_and_names_the_mapped_column(tmp_path: Path
         load(path, fields=FieldMap(prompt="problem"))
     msg = str(err.value)
     assert f"{path}:1: missing prompt field `problem`" in msg
-    assert "data.fields.prompt" in msg and "columns present: question, answer" in msg
+    assert "`data.train.fields.prompt`" in msg and "columns present: question, answer" in msg  # the real key
+    with pytest.raises(DataError, match=r"set `data.eval.fields.prompt`"):
+        load_samples(DataSource(path=str(path), fields=FieldMap(prompt="problem")), key="data.eval")
 
 
 def test_invalid_utf8_names_the_line(tmp_path: Path) -> None:
@@ -146,9 +148,11 @@ def test_unknown_extension_and_missing_file(tmp_path: Path) -> None:
 
 
 def test_negative_limit_is_a_config_error(tmp_path: Path) -> None:
+    from guidedrl.core.config import load_config
+
     path = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "a"}])
-    with pytest.raises(ConfigError, match=r"data.train.limit"):
-        load(path, limit=-1)
+    with pytest.raises(ConfigError, match=r"`data.train.limit`"):  # at load time, before any data is read
+        load_config(None, [f"data.train.path={path}", "data.train.limit=-1"])
 
 
 # ----------------------------------------------------------------------------- Parquet

@@ -53,6 +53,44 @@ def _child(args: list[str]) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _child_code(code: str) -> subprocess.Popen:
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONPATH=tests + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+# `guidedrl train --resume RUN`, SIGKILLed by the first write of a rewrite of metrics.jsonl, after half of it is
+# on disk: any rewrite that truncates the file in place would lose rows.
+TORN_REWRITE = """
+import builtins, io, os, signal, sys
+from guidedrl.app.cli import main
+real_open = io.open
+
+class Torn:
+    def __init__(self, f):
+        self.f = f
+    def write(self, text):
+        self.f.write(text[: len(text) // 2])
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+    def __enter__(self):
+        return self
+    def __exit__(self, *exc):
+        self.f.close()
+
+def torn_open(file, mode="r", *a, **k):
+    f = real_open(file, mode, *a, **k)
+    return Torn(f) if "metrics.jsonl" in str(file) and "w" in mode else f
+
+builtins.open = io.open = torn_open
+sys.exit(main(["train", "--resume", {run!r}]))
+"""
+
+
 def _wait_for_lines(path: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -73,6 +111,10 @@ def test_sigkill_then_resume_is_exact(data: Path, tmp_path: Path) -> None:
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "DONE").exists()
+    # the resume is killed too, while it rewrites metrics.jsonl (the steps after its checkpoint dropped)
+    torn = _child_code(TORN_REWRITE.format(run=str(killed)))
+    out, _ = torn.communicate(timeout=240)
+    assert torn.returncode == -signal.SIGKILL, out
     assert main(["train", "--resume", str(killed)]) == 0
     assert _metrics(killed) == _metrics(ref)
     a, b = _weights(ref), _weights(killed)
@@ -80,13 +122,13 @@ def test_sigkill_then_resume_is_exact(data: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_sigterm_checkpoints_exits_0_and_resumes(data: Path, tmp_path: Path) -> None:
+def test_sigterm_checkpoints_exits_143_and_resumes(data: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     proc = _child(_args(data, run, ["run.save_every=0"]))
     _wait_for_lines(run / "metrics.jsonl", 2, proc)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == 143, out  # 128 + SIGTERM: `train && eval` does not go on
     assert "--resume" in out
     assert (run / "checkpoints" / "latest").exists() and not (run / "DONE").exists()
     assert main(["train", "--resume", str(run)]) == 0
@@ -108,11 +150,15 @@ def test_nonfinite_updates_are_skipped_then_abort(
 
     monkeypatch.setitem(algo.LOSSES, "ppo_clip", nan_loss)
     run = tmp_path / "nan"
-    rc = main(_args(data, run, ["train.max_nonfinite=2", "algo.epochs=1", "algo.minibatches=1"]))
+    rc = main(_args(data, run, ["train.max_nonfinite=2", "algo.epochs=1", "algo.minibatches=1", "run.save_every=0"]))
     err = capsys.readouterr().err
     assert rc == 2
     assert "non-finite" in err and "update skipped" in err and "2 non-finite updates in a row" in err
     assert not (run / "DONE").exists()
+    # the skipped updates left the weights finite: they are checkpointed before the abort
+    assert "checkpoint" in err and "--resume" in err
+    weights = _weights(run)
+    assert weights and all(bool(t.isfinite().all()) for t in weights.values())
 
 
 def test_bad_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -123,4 +169,4 @@ def test_bad_data_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[st
                "--set", "data.eval=null"])
     err = capsys.readouterr().err
     assert rc == 2 and f"{bad}:2" in err and "Traceback" not in err
-    assert not (run / "DONE").exists() and not (run / "metrics.jsonl").exists()
+    assert not run.exists(), "a failed start removes the run folder it created"

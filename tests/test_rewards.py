@@ -233,6 +233,10 @@ def user_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
         "\n"
         "def text(samples, completions):\n"
         "    return ['1.0' for c in completions]\n"
+        "\n"
+        "def quits(samples, completions):\n"
+        "    import sys\n"
+        "    sys.exit(3)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "my_rewards", raising=False)
@@ -270,6 +274,17 @@ def test_exception_raise_mode_names_sample_and_user_traceback(user_module: str) 
     assert "Traceback (most recent call last)" in msg
     assert 'my_rewards.py", line 8, in picky' in msg and "KeyError: 'exploded on bad-7'" in msg
     assert "combine.py" not in msg  # the user's frames only
+
+
+def test_sys_exit_in_a_reward_is_a_reward_error(user_module: str) -> None:
+    # a reward calling sys.exit(3) ended the whole run with exit code 3 and no message
+    with pytest.raises(RewardError) as err:
+        build_reward([RewardTerm(name="my_rewards:quits")], [])([S(id="q-1")], ["x"])
+    msg = str(err.value)
+    assert "reward `my_rewards:quits` (reward.terms[0]) raised on sample `q-1`" in msg and "SystemExit: 3" in msg
+    with pytest.warns(RuntimeWarning, match="SystemExit"):
+        totals, _ = build_reward([RewardTerm(name="my_rewards:quits")], [], on_error="zero")([S(id="q-1")], ["x"])
+    assert totals == [0.0]
 
 
 def test_exception_zero_mode_scores_zero_warns_and_notes(user_module: str) -> None:

@@ -1,6 +1,7 @@
 """`guidedrl` command line: train | recipes | eval | compare | report | demo | base.
 
 User mistakes (config, data, model path, reward function) print one clear message and exit 2.
+A run stopped by SIGINT / SIGTERM exits 130 / 143 (128 + the signal), after its checkpoint.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ def cmd_train(a: argparse.Namespace) -> int:
         if not (run_dir / "config.yaml").exists():
             raise UserError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
         cfg = load_config(str(run_dir / "config.yaml"), a.set)
+        _check_resume_args(a, run_dir, cfg.name)
     else:
         cfg = load_config(a.recipe, a.set)
         run_dir = Path(a.out) if a.out else default_run_dir(cfg)
@@ -45,6 +47,18 @@ def cmd_train(a: argparse.Namespace) -> int:
     if main:
         console.print(f"run folder: {out}")
     return 0
+
+
+def _check_resume_args(a: argparse.Namespace, run_dir: Path, name: str) -> None:
+    """A recipe or --out given with --resume must be the run's own (a resume never changes them)."""
+    from guidedrl.core.config import load_config
+
+    if a.out is not None and Path(a.out).resolve() != run_dir.resolve():
+        raise UserError(f"--out {a.out} with --resume {run_dir}: a resumed run continues in its own folder; "
+                        "leave out --out")
+    if a.recipe is not None and load_config(a.recipe).name != name:
+        raise UserError(f"--resume {run_dir} continues a `{name}` run, not `{a.recipe}`; leave out the recipe "
+                        "(its config is the run's config.yaml, changed only by --set)")
 
 
 def cmd_recipes(a: argparse.Namespace) -> int:
@@ -158,12 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return a.fn(a)
     except UserError as e:
-        from rich.markup import escape
-
-        from guidedrl.core.console import console
-
-        console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+        _print_line("[bold red]error:[/]", str(e))
         return e.exit_code
+    except KeyboardInterrupt as e:  # a signal (guidedrl.trainer.rundir.Interrupted), or Ctrl-C anywhere else
+        try:
+            _print_line("[yellow]interrupted:[/]", str(e) or "stopped by Ctrl-C")
+        except KeyboardInterrupt:  # yet another Ctrl-C while printing: go
+            pass
+        return getattr(e, "exit_code", 130)
+
+
+def _print_line(label: str, message: str) -> None:
+    """`label message` on stderr, never wrapped at the terminal's width (a line per line of the message)."""
+    from rich.markup import escape  # (here, not at the top: `guidedrl --help` starts without rich)
+
+    from guidedrl.core.console import console
+
+    console.print(f"{label} {escape(message)}", highlight=False, soft_wrap=True)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _load_path(path: Path, src: DataSource, key: str) -> list[Sample]:
     samples: list[Sample] = []
     first_seen: dict[str, str] = {}
     for where, default_id, row in rows:
-        sample = row_to_sample(row, where, src.fields, default_id)
+        sample = row_to_sample(row, where, src.fields, default_id, key)
         if sample.id in first_seen:
             raise DataError(f"{where}: duplicate id {sample.id!r} (first seen at {first_seen[sample.id]})")
         first_seen[sample.id] = where
@@ -200,8 +200,8 @@ def _datasets_rows(path: Path, split: str | None, key: str) -> Iterator[Row]:
 # ----------------------------------------------------------------------------- rows
 
 
-def row_to_sample(row: Any, where: str, fields: FieldMap, default_id: str) -> Sample:
-    """Map one raw row to a Sample; `where` (file:line) prefixes every error.
+def row_to_sample(row: Any, where: str, fields: FieldMap, default_id: str, key: str = "data.train") -> Sample:
+    """Map one raw row to a Sample; `where` (file:line) prefixes every error, `key` is the source's config key.
 
     >>> row_to_sample({"q": "1+1?", "a": 2, "src": "x"}, "f.jsonl:1", FieldMap(prompt="q", answer="a"), "f:1")
     Sample(id='f:1', prompt='1+1?', answer='2', reference=None, hints=[], level=None, extra={'src': 'x'})
@@ -211,7 +211,7 @@ def row_to_sample(row: Any, where: str, fields: FieldMap, default_id: str) -> Sa
     if fields.prompt not in row:
         present = ", ".join(map(str, row)) or "(none)"
         raise DataError(
-            f"{where}: missing prompt field `{fields.prompt}` (set `data.fields.prompt` to the right column); "
+            f"{where}: missing prompt field `{fields.prompt}` (set `{key}.fields.prompt` to the right column); "
             f"columns present: {present}"
         )
     mapped = {fields.id, fields.prompt, fields.answer, fields.reference, fields.hints, fields.level}

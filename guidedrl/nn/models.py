@@ -6,15 +6,20 @@ from __future__ import annotations
 import inspect
 import os
 import types
+import weakref
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from rich.markup import escape
+from safetensors import SafetensorError
 from torch import nn
 
 from guidedrl.core.config import ModelConfig
-from guidedrl.core.errors import ModelError
+from guidedrl.core.console import console
+from guidedrl.core.errors import DataError, ModelError
 from guidedrl.core.types import Sample
 
 DEFAULT_CHAT_TEMPLATE = (
@@ -151,7 +156,8 @@ def load_tokenizer(cfg: ModelConfig) -> Any:
     from transformers import AutoTokenizer
 
     loc, gguf = _resolve_path(cfg)
-    loc = cfg.tokenizer or loc
+    if cfg.tokenizer:  # a tokenizer of its own: not the one inside the GGUF file
+        loc, gguf = cfg.tokenizer, None
     try:
         tok = AutoTokenizer.from_pretrained(loc, gguf_file=gguf) if gguf else AutoTokenizer.from_pretrained(loc)
     except (OSError, ValueError) as e:
@@ -174,14 +180,22 @@ def load_model(cfg: ModelConfig, tokenizer: Any, *, trainable: bool = True) -> n
         loc, gguf = _resolve_path(cfg)
         kwargs: dict[str, Any] = {"dtype": dtype}
         if gguf:
+            from transformers import GgufConfig
+
             kwargs["gguf_file"] = gguf
+            kwargs["quantization_config"] = GgufConfig(dequantize=True)  # plain weights: trainable
         if cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         try:
             model = AutoModelForCausalLM.from_pretrained(loc, **kwargs)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # SafetensorError: a damaged weights file
             raise ModelError(f"model.path: cannot load a causal LM from {loc!r}: {e}") from None
+        if gguf:
+            _forget_gguf(model)
     model = model.to(device=device, dtype=dtype)
+    limit = PromptLimit.of(model, cfg)
+    if _PROMPT_LIMITS.get(tokenizer) != limit:  # (the reference model, loaded second, keeps the policy's warning state)
+        _PROMPT_LIMITS[tokenizer] = limit
     if cfg.autocast != "none":
         autocast_trunk(model, getattr(torch, cfg.autocast))
     if cfg.gradient_checkpointing and trainable:
@@ -204,6 +218,15 @@ def load_model(cfg: ModelConfig, tokenizer: Any, *, trainable: bool = True) -> n
     return model
 
 
+def _forget_gguf(model: nn.Module) -> None:
+    """A model loaded from GGUF with `dequantize=True` holds plain weights in the run's dtype, but
+    transformers still marks it quantized, and `save_pretrained` refuses a gguf-quantized model.
+    Drop the marks with the quantizer's own method, so it checkpoints as a plain model."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+
+
 def load_policy(cfg: ModelConfig) -> tuple[nn.Module, Any]:
     """(model, tokenizer) ready for training."""
     tok = load_tokenizer(cfg)
@@ -219,10 +242,56 @@ def use_chat(cfg: ModelConfig, tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+@dataclass
+class PromptLimit:
+    """The longest prompt a model takes (`model.max_prompt_tokens`, default its position count) and
+    what a longer one does (`model.prompt_overflow`)."""
+
+    max_tokens: int
+    overflow: str = "truncate"
+    warned: bool = field(default=False, compare=False)
+
+    @classmethod
+    def of(cls, model: nn.Module, cfg: ModelConfig) -> "PromptLimit | None":
+        positions = getattr(unwrap(model).config, "max_position_embeddings", None)
+        limit = cfg.max_prompt_tokens or positions
+        return cls(int(limit), cfg.prompt_overflow) if limit else None
+
+    def fit(self, ids: list[int], sample: Sample) -> list[int]:
+        """`ids` if they fit; else their last `max_tokens` (one warning a run), or a DataError."""
+        if len(ids) <= self.max_tokens:
+            return ids
+        what = (f"sample `{sample.id}`: the prompt has {len(ids)} tokens, more than the {self.max_tokens} the "
+                "model takes (model.max_prompt_tokens, default the model's positions)")
+        if self.overflow == "error":
+            raise DataError(f"{what}; shorten it, or set model.prompt_overflow=truncate to keep its end")
+        if not self.warned:
+            self.warned = True
+            console.print(f"[yellow]warning:[/] {escape(what)}; keeping its last {self.max_tokens} tokens "
+                          "(model.prompt_overflow=truncate; further cuts are not reported)", highlight=False, soft_wrap=True)
+        return ids[-self.max_tokens :]
+
+
+_PROMPT_LIMITS: "weakref.WeakKeyDictionary[Any, PromptLimit | None]" = weakref.WeakKeyDictionary()
+"""Per tokenizer: the limit of the model `load_model` loaded with it (`render_prompt` applies it)."""
+
+
+def prompt_limit(tokenizer: Any) -> PromptLimit | None:
+    """The prompt limit `load_model` set for prompts rendered with `tokenizer` (None = none known)."""
+    return _PROMPT_LIMITS.get(tokenizer)
+
+
 def render_prompt(
     tokenizer: Any, sample: Sample, *, chat: bool, system_prompt: str | None = None, hint: str | None = None
 ) -> list[int]:
-    """Token ids of the context for `sample` (optionally with a hint appended to the problem)."""
+    """Token ids of the context for `sample` (optionally with a hint appended to the problem), cut
+    to the model's `PromptLimit` (the one `load_model` set for this tokenizer)."""
+    ids = _render(tokenizer, sample, chat=chat, system_prompt=system_prompt, hint=hint)
+    limit = prompt_limit(tokenizer)
+    return limit.fit(ids, sample) if limit is not None else ids
+
+
+def _render(tokenizer: Any, sample: Sample, *, chat: bool, system_prompt: str | None, hint: str | None) -> list[int]:
     text = sample.prompt if hint is None else f"{sample.prompt}\n{hint}"
     if chat:
         messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [

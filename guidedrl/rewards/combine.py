@@ -7,9 +7,9 @@ name from `REWARDS` (a factory taking the term's `args`) or `module.path:functio
 `path/to/file.py:function` for a user's own function (its `args` are bound as keywords).
 
 `build_reward` returns one callable giving, per completion, the weighted sum of its terms and an
-info dict with each term's score under `reward/<name>`. An exception inside a reward function
-fails the run with a `RewardError` naming the first failing sample's id and holding the
-function's traceback; with `on_error="zero"` the failing samples score 0, a warning is issued and
+info dict with each term's score under `reward/<name>`. An exception (or a `sys.exit()`) inside a
+reward function fails the run with a `RewardError` naming the first failing sample's id and
+holding the function's traceback; with `on_error="zero"` the failing samples score 0, a warning is issued and
 `info["reward_error"]` says why. To find the failing sample after a batch call raises, the
 function is called again one sample at a time (so a reward with side effects may see a sample twice).
 """
@@ -211,15 +211,15 @@ class CombinedReward:
 
     def _run(self, term: Term, samples: list[Sample], completions: list[str]) -> tuple[Scores, Infos]:
         """Call one term on the whole batch; on an exception, isolate the failing samples."""
-        batch_error: Exception | None = None
+        batch_error: BaseException | None = None
         try:
             out = term.fn(samples, completions)
-        except Exception as e:
+        except (Exception, SystemExit) as e:  # a reward's sys.exit() is its error, not the run's end
             batch_error = e
         if batch_error is not None:  # outside the except block, so per-sample errors don't chain to it
             return self._per_sample(term, samples, completions, batch_error)
         scores, infos = _unpack(term, out, samples)
-        failures: list[tuple[int, Exception]] = [
+        failures: list[tuple[int, BaseException]] = [
             (j, ValueError(f"returned a non-finite score {s!r}"))
             for j, s in enumerate(scores)
             if s is not None and not math.isfinite(s)
@@ -227,16 +227,16 @@ class CombinedReward:
         return self._apply_failures(term, samples, scores, infos, failures)
 
     def _per_sample(
-        self, term: Term, samples: list[Sample], completions: list[str], batch_error: Exception
+        self, term: Term, samples: list[Sample], completions: list[str], batch_error: BaseException
     ) -> tuple[Scores, Infos]:
         """Re-run a failed batch one sample at a time to find (raise) or zero (zero) the failures."""
         scores: Scores = []
         infos: Infos = []
-        failures: list[tuple[int, Exception]] = []
+        failures: list[tuple[int, BaseException]] = []
         for j, (sample, text) in enumerate(zip(samples, completions, strict=True)):
             try:
                 out = term.fn([sample], [text])
-            except Exception as e:
+            except (Exception, SystemExit) as e:
                 if self.on_error == "raise":
                     raise RewardError(_message(term, f"on sample `{sample.id}`", e)) from None
                 failures.append((j, e))
@@ -255,7 +255,7 @@ class CombinedReward:
         return self._apply_failures(term, samples, scores, infos, failures)
 
     def _apply_failures(
-        self, term: Term, samples: list[Sample], scores: Scores, infos: Infos, failures: list[tuple[int, Exception]]
+        self, term: Term, samples: list[Sample], scores: Scores, infos: Infos, failures: list[tuple[int, BaseException]]
     ) -> tuple[Scores, Infos]:
         """raise: RewardError for the first failure. zero: score 0.0, note it in info, warn once."""
         if not failures:
@@ -289,7 +289,7 @@ def format_user_error(err: BaseException) -> str:
     return "".join(te.format()).rstrip()
 
 
-def _message(term: Term, where: str, err: Exception) -> str:
+def _message(term: Term, where: str, err: BaseException) -> str:
     """RewardError text: which function, which sample, and the function's own traceback."""
     if err.__traceback__ is None:  # a check of ours (e.g. a non-finite score), not a raise in user code
         return f"reward `{term.label}` ({term.where}) failed {where}: {err}"

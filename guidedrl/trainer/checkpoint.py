@@ -8,7 +8,8 @@ Layout of a run folder::
             optimizer.pt        # optimizer.state_dict()
             scheduler.pt        # scheduler.state_dict()
             rng.pt              # python random, numpy, torch CPU (and CUDA) generator states
-            state.json          # {"step": 40, "state": {...caller's data position, selector, guide...}}
+            state.json          # {"step": 40, "state": {...caller's data position, selector, guide...},
+                                #  "files": {"rng.pt": 6261, ...: the size of every other file}}
             COMPLETE            # written last; a folder without it is debris from a crash
         latest                  # text file naming the newest complete folder (never a symlink)
 
@@ -18,6 +19,11 @@ name (one `rename(2)`, atomic on POSIX file systems). `latest` is replaced with 
 after the rename, so it only ever names a complete checkpoint. A kill at any instant therefore
 leaves the previous checkpoint loadable: `load_checkpoint` follows `latest`, and if `latest` is
 missing or names something incomplete it falls back (with a warning) to the newest complete one.
+
+Damage after the fact (a file truncated or deleted by a full disk, a copy, a hand): `state.json`
+lists every file with its size, `load_checkpoint` checks them and falls back, naming the file, to
+the newest complete checkpoint that is whole. A save that fails (a full disk) removes its temp
+folder and raises `CheckpointError`; temp folders of dead writers are removed before each save.
 
 Only one process per run folder may save (rank 0 under torchrun).
 """
@@ -34,12 +40,13 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
-from guidedrl.core.errors import ModelError
+from guidedrl.core.errors import ModelError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,11 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 FORMAT = 1
 _NAME = re.compile(r"^step-(\d+)$")
+_DEBRIS = re.compile(r"^\.(?:tmp-step-\d+|old-step-\d+|latest\.tmp)-(\d+)$")  # `.tmp-step-000040-<pid>`
+
+
+class CheckpointError(UserError):
+    """A checkpoint that cannot be written (a full disk) or no checkpoint that can be read."""
 
 
 @dataclass
@@ -103,14 +115,19 @@ def _fsync_tree(root: Path) -> None:
         _fsync_dir(Path(dirpath))
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` via a temp file in the same folder and os.replace (atomic)."""
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` via a temp file in the same folder, fsync and os.replace: a crash at
+    any instant leaves the old content or the new, never a mix."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -169,25 +186,44 @@ def save_checkpoint(
     """
     if keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    payload = json.dumps({"format": FORMAT, "step": int(step), "time": time.time(), "state": state or {}},
-                         indent=1, allow_nan=False)  # fail before writing anything if state isn't JSON
+    meta = {"format": FORMAT, "step": int(step), "time": time.time(), "state": state or {}}
+    json.dumps(meta, allow_nan=False)  # fail before writing anything if state isn't JSON
     root = Path(run_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     name = step_name(step)
     tmp = root / f".tmp-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _write_contents(tmp, model, optimizer, scheduler, tokenizer, payload)
-    final = root / name
-    _install(tmp, final)
-    _write_text_atomic(root / LATEST, name + "\n")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_debris(root)  # a dead writer's half-written checkpoint may hold the space this one needs
+        tmp.mkdir()
+        _write_contents(tmp, model, optimizer, scheduler, tokenizer, meta)
+        final = root / name
+        _install(tmp, final)
+        write_text_atomic(root / LATEST, name + "\n")
+    except BaseException as e:  # incl. an interrupt: never leave a half-written checkpoint behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, RuntimeError, SafetensorError)):  # torch.save reports ENOSPC as a RuntimeError
+            raise CheckpointError(_write_failure(Path(run_dir), name, e)) from e
+        raise
     prune_checkpoints(run_dir, keep_last)
     return final
 
 
-def _write_contents(tmp: Path, model: Any, optimizer: Any, scheduler: Any, tokenizer: Any, payload: str) -> None:
-    """Every file of a checkpoint, fsync'ed, then the COMPLETE marker (fsync'ed last)."""
+def _write_failure(run_dir: Path, name: str, err: BaseException) -> str:
+    """One line: which checkpoint, why, the free space, what is still there and how to go on."""
+    why = (str(err).strip().splitlines() or [""])[0]
+    try:
+        free = f"{shutil.disk_usage(run_dir).free / 2**20:.0f} MB free"
+    except OSError:
+        free = "free space unknown"
+    prev = _read_latest(run_dir / CHECKPOINTS)
+    kept = f"the previous checkpoint ({prev}) is kept" if prev else "no earlier checkpoint exists"
+    return (f"checkpoint {name} of {run_dir} could not be written ({type(err).__name__}: {why}; {free} there); "
+            f"{kept}. Free some space, then continue with: guidedrl train --resume {run_dir}")
+
+
+def _write_contents(tmp: Path, model: Any, optimizer: Any, scheduler: Any, tokenizer: Any, meta: dict[str, Any]) -> None:
+    """Every file of a checkpoint, then state.json with their sizes, all fsync'ed, then the
+    COMPLETE marker (fsync'ed last)."""
     model.save_pretrained(tmp / "model", safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp / "model")
@@ -196,7 +232,8 @@ def _write_contents(tmp: Path, model: Any, optimizer: Any, scheduler: Any, token
     if scheduler is not None:
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
-    (tmp / "state.json").write_text(payload)
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    (tmp / "state.json").write_text(json.dumps(meta | {"files": files}, indent=1, allow_nan=False))
     _fsync_tree(tmp)
     with open(tmp / COMPLETE, "w") as f:
         f.write("ok\n")
@@ -229,25 +266,41 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _remove(entry: Path) -> None:
+    if entry.is_dir() and not entry.is_symlink():
+        shutil.rmtree(entry, ignore_errors=True)
+    else:
+        entry.unlink(missing_ok=True)
+
+
+def remove_debris(root: Path) -> list[Path]:
+    """Delete, in a `checkpoints/` folder, what crashed saves left: temp folders and files of
+    processes that are gone, and step folders without COMPLETE. -> what was deleted."""
+    removed: list[Path] = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        m = _DEBRIS.match(entry.name)
+        pid = int(m.group(1)) if m else None
+        dead = pid is not None and (pid == os.getpid() or not _pid_alive(pid))  # this process saves one at a time
+        incomplete = _NAME.match(entry.name) is not None and entry.is_dir() and not (entry / COMPLETE).exists()
+        if dead or incomplete:
+            _remove(entry)
+            removed.append(entry)
+    return removed
+
+
 def prune_checkpoints(run_dir: Path | str, keep_last: int) -> list[Path]:
     """Delete complete checkpoints beyond the newest `keep_last` (never the one `latest` names),
-    incomplete step folders, and temp folders of processes that are gone. Returns what was deleted."""
+    and the debris of crashed saves (`remove_debris`). Returns what was deleted."""
     root = Path(run_dir) / CHECKPOINTS
     protect = _read_latest(root)
     complete = _complete_checkpoints(root)
     keep = {p.name for _, p in complete[-keep_last:]} | ({protect} if protect else set())
-    removed: list[Path] = []
-    for entry in sorted(root.iterdir()) if root.exists() else []:
-        if not entry.is_dir():
-            continue
-        m = re.match(r"^\.(?:tmp|old)-step-\d+-(\d+)$", entry.name)
-        stale_tmp = m is not None and (int(m.group(1)) != os.getpid() and not _pid_alive(int(m.group(1))))
-        incomplete = _NAME.match(entry.name) is not None and not (entry / COMPLETE).exists()
-        old_complete = _NAME.match(entry.name) is not None and (entry / COMPLETE).exists() and entry.name not in keep
-        if stale_tmp or incomplete or old_complete:
+    removed = remove_debris(root)
+    for _, entry in complete:
+        if entry.name not in keep:
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
-    return removed
+    return sorted(removed)
 
 
 # ----------------------------------------------------------------------------- load
@@ -283,21 +336,49 @@ def _complete_checkpoints(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def load_checkpoint(run_dir: Path | str) -> Checkpoint | None:
-    """The checkpoint `latest` names, or the newest complete one if `latest` is missing or names
-    an incomplete folder (a warning says so). None if the run has no complete checkpoint."""
-    root = Path(run_dir) / CHECKPOINTS
-    name = _read_latest(root)
-    path = root / name if name else None
-    if path is None or not _is_complete(path):
-        complete = _complete_checkpoints(root)
-        if not complete:
-            return None
-        path = complete[-1][1]
-        log.warning("%s: `latest` names %s, which is not a complete checkpoint; using %s",
-                    root, name or "nothing", path.name)
+def _damage(path: Path) -> str | None:
+    """What is wrong with the files of a complete checkpoint (a file of its manifest missing or of
+    another size), or None. Checkpoints written before the manifest existed are taken as they are."""
+    files = json.loads((path / "state.json").read_text()).get("files", {})
+    for rel, size in files.items():
+        f = path / rel
+        if not f.is_file():
+            return f"{rel} is missing"
+        if f.stat().st_size != size:
+            return f"{rel} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def read_checkpoint(path: Path) -> Checkpoint:
+    """The checkpoint in folder `path` (chosen by `load_checkpoint`)."""
     meta = json.loads((path / "state.json").read_text())
     return Checkpoint(path=path, step=int(meta["step"]), state=meta.get("state", {}))
+
+
+def load_checkpoint(run_dir: Path | str, warn: Callable[[str], None] | None = None) -> Checkpoint | None:
+    """The checkpoint `latest` names, or, when `latest` is missing, names an incomplete folder or a
+    damaged one, the newest complete checkpoint whose files are whole (`warn`, default a logged
+    warning, says which and why). None if the run has no complete checkpoint; `CheckpointError`
+    if every complete one is damaged."""
+    root = Path(run_dir) / CHECKPOINTS
+    name = _read_latest(root)
+    complete = [p for _, p in reversed(_complete_checkpoints(root))]  # newest first
+    notes: list[str] = []
+    if name is not None and root / name in complete:
+        complete.remove(root / name)
+        complete.insert(0, root / name)
+    elif complete:
+        notes.append(f"`latest` names {name or 'nothing'}, which is not a complete checkpoint")
+    for path in complete:
+        problem = _damage(path)
+        if problem is None:
+            if notes:
+                (warn or log.warning)(f"{root}: {'; '.join(notes)}; using {path.name}")
+            return read_checkpoint(path)
+        notes.append(f"{path.name} is damaged ({problem})")
+    if complete:
+        raise CheckpointError(f"{root}: no usable checkpoint: {'; '.join(notes)}")
+    return None
 
 
 def latest_model_dir(run_dir: Path | str) -> Path | None:
@@ -318,17 +399,32 @@ def _read_safetensors(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     """`stem.safetensors`, or the shards listed in `stem.safetensors.index.json`."""
     from safetensors.torch import load_file
 
+    def read(path: Path) -> dict[str, torch.Tensor]:
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{path}: cannot read the weights ({e})") from None
+
     single = folder / f"{stem}.safetensors"
     if single.is_file():
-        return load_file(single, device="cpu")
+        return read(single)
     index = folder / f"{stem}.safetensors.index.json"
     if not index.is_file():
         raise ModelError(f"{folder}: no {single.name} or {index.name}; not a checkpoint of this kind of model")
     shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
     out: dict[str, torch.Tensor] = {}
     for shard in shards:
-        out.update(load_file(folder / shard, device="cpu"))
+        out.update(read(folder / shard))
     return out
+
+
+def _load_pt(path: Path) -> Any:
+    """A torch.save'd file of a checkpoint; unreadable (damaged, missing) -> ModelError naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch reports a damaged file as RuntimeError, UnpicklingError, EOFError...
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise ModelError(f"{path}: cannot be read ({type(e).__name__}: {reason})") from None
 
 
 def _tied_aliases(model: torch.nn.Module) -> dict[str, set[str]]:
@@ -392,12 +488,13 @@ def restore(
         path = ckpt.path / "optimizer.pt"
         if not path.exists():
             raise ModelError(f"{ckpt.path}: no optimizer.pt to resume the optimizer from")
+        saved = _load_pt(path)
         try:
-            optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            optimizer.load_state_dict(saved)
         except (ValueError, KeyError) as e:  # a different set or shape of parameter groups
             raise ModelError(f"{path}: optimizer state does not fit: {e}") from None
     if scheduler is not None and (ckpt.path / "scheduler.pt").exists():
-        scheduler.load_state_dict(torch.load(ckpt.path / "scheduler.pt", map_location="cpu", weights_only=True))
+        scheduler.load_state_dict(_load_pt(ckpt.path / "scheduler.pt"))
     if rng:
-        set_rng_state(torch.load(ckpt.path / "rng.pt", map_location="cpu", weights_only=True))
+        set_rng_state(_load_pt(ckpt.path / "rng.pt"))
     return ckpt.state

@@ -1,6 +1,6 @@
-"""The training run: `run(cfg)` is the whole of `guidedrl train`: the run folder, evaluation
-before and after, the optional SFT stage, the steps (`guidedrl.trainer.step`), checkpoints,
-resume and signals."""
+"""The training run: `run(cfg)` is the whole of `guidedrl train`: the run folder (locked,
+`guidedrl.trainer.rundir`), evaluation before and after, the optional SFT stage, the steps
+(`guidedrl.trainer.step`), checkpoints, resume and signals."""
 
 from __future__ import annotations
 
@@ -18,12 +18,14 @@ from guidedrl.core import dist
 from guidedrl.core.config import Config, dump_config
 from guidedrl.core.console import console
 from guidedrl.core.errors import ConfigError
+from guidedrl.trainer import rundir
 from guidedrl.trainer.build import Pieces, build
-from guidedrl.trainer.checkpoint import load_checkpoint, restore, save_checkpoint
+from guidedrl.trainer.checkpoint import read_checkpoint, restore, save_checkpoint
 from guidedrl.trainer.evaluation import run_eval
-from guidedrl.trainer.runlog import NullLogger, RunLogger
+from guidedrl.trainer.runlog import NullLogger, RunLogger, print_warning
 from guidedrl.trainer.sft import run_sft_stage
-from guidedrl.trainer.step import StepState, TrainingError, train_step
+from guidedrl.trainer.step import StepState, train_step
+from guidedrl.trainer.update import NonFiniteError
 
 
 def seed_everything(seed: int) -> None:
@@ -38,11 +40,19 @@ def default_run_dir(cfg: Config) -> Path:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT ask the loop to stop after the current step and checkpoint."""
+    """SIGTERM / SIGINT ask the loop to stop after the current step and checkpoint; a second one
+    stops at once, and so does any during start-up (`at_once`: nothing to checkpoint yet).
+    Stopping at once raises `rundir.Interrupted` (the CLI exits 128 + the signal's number)."""
 
-    def __init__(self) -> None:
-        self.requested = False
+    def __init__(self, *, at_once: bool = False) -> None:
+        self.signum = 0
+        """The signal that asked to stop (0 = none)."""
+        self.at_once = at_once
         self._old: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
 
     def __enter__(self) -> "_StopFlag":
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -50,10 +60,14 @@ class _StopFlag:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.requested = True
-        console.print(f"[yellow]signal {signum}: finishing the current step, then checkpointing")
+        name = signal.Signals(signum).name
+        if self.at_once:
+            raise rundir.Interrupted(signum, f"{name} during start-up: stopped, nothing was trained")
+        if self.requested:
+            raise rundir.Interrupted(signum, f"second signal ({name}): stopped at once, without checkpointing this "
+                                             "step; the last checkpoint is kept (continue it with --resume)")
+        self.signum = signum
+        console.print(f"[yellow]{name}: finishing the current step, then checkpointing (again to stop at once)")
 
     def __exit__(self, *exc: Any) -> None:
         for sig, h in self._old.items():
@@ -63,6 +77,10 @@ class _StopFlag:
 def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Path:
     """Train `cfg` into `run_dir` (created; or continued from its latest checkpoint when resume).
 
+    The folder is locked for the run and must not hold another run unless resuming
+    (`guidedrl.trainer.rundir`); a failed start removes what it created. A SIGINT / SIGTERM stops
+    the run after checkpointing its step and raises `rundir.Interrupted`.
+
     Under `torchrun` every process runs this; process 0 alone writes the run folder, evaluates and
     saves (see `guidedrl.core.dist` for how the update is shared)."""
     dist.init_from_env()
@@ -70,28 +88,14 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
         raise ConfigError(f"train.prompts_per_step={cfg.train.prompts_per_step} is not a multiple of the "
                           f"{dist.world_size()} processes")
     run_dir = Path(dist.broadcast_object(str(run_dir or default_run_dir(cfg))))  # process 0's clock names it
-    if (run_dir / "DONE").exists() and not resume:
-        raise TrainingError(f"{run_dir} holds a finished run; pick another run.name or use --resume")
-    if dist.is_main():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
-    seed_everything(cfg.train.seed)
-    p = build(cfg)
-    dist.broadcast_module(p.policy.model)  # one policy on every process, whatever its init
-    st = StepState()
-    ckpt = load_checkpoint(run_dir) if resume else None
-    if ckpt is not None:
-        restore(ckpt, p.policy.model, p.optim.optimizer, p.optim.scheduler)
-        st = StepState.from_json(ckpt.state["train"])
-        p.selector.load_state_dict(ckpt.state["selector"])
-        if p.guide is not None:
-            p.guide.load_state_dict(ckpt.state.get("guide", {}))
-    log: RunLogger | NullLogger = NullLogger()
-    if dist.is_main():
-        log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
-                        config=cfg.model_dump(mode="json"))
-    if ckpt is not None:
-        log.truncate_after(st.step - 1)
+    folder = rundir.claim(run_dir, resume=resume, config=dump_config(cfg)) if dist.is_main() else None
+    try:  # start-up: a failure or a signal (which stops at once) removes what the claim made
+        with _StopFlag(at_once=True):
+            p, st, log = _start(cfg, run_dir, folder, resume=resume)
+    except BaseException:
+        if folder is not None:
+            folder.abandon()
+        raise
 
     def save() -> None:
         if not dist.is_main():
@@ -103,17 +107,50 @@ def run(cfg: Config, run_dir: Path | None = None, *, resume: bool = False) -> Pa
                         tokenizer=p.policy.renderer.tokenizer)
 
     try:
-        if not _train_loop(p, st, log, save, run_dir):
-            return run_dir
+        stopped_by = _train_loop(p, st, log, save, run_dir)
+        if not stopped_by and dist.is_main():
+            done = {"steps": st.step, "finished": datetime.now().isoformat()}
+            (run_dir / rundir.DONE).write_text(json.dumps(done) + "\n")
     finally:
         log.close()
-    if dist.is_main():
-        (run_dir / "DONE").write_text(json.dumps({"steps": st.step, "finished": datetime.now().isoformat()}) + "\n")
+        if folder is not None:
+            folder.release()
+    if stopped_by:
+        raise rundir.Interrupted(stopped_by, f"{signal.Signals(stopped_by).name}: stopped at step {st.step}, checkpoint "
+                                             f"saved; resume with: guidedrl train --resume {run_dir}")
     return run_dir
 
 
-def _train_loop(p: Pieces, st: StepState, log: RunLogger | NullLogger, save: Callable[[], None], run_dir: Path) -> bool:
-    """Evaluate, (SFT stage,) train, checkpoint, evaluate. -> False when a signal stopped it early."""
+def _start(cfg: Config, run_dir: Path, folder: rundir.RunDir | None, *, resume: bool
+           ) -> tuple[Pieces, StepState, RunLogger | NullLogger]:
+    """Build the pieces; with `resume`, restore the checkpoint process 0 picks (`rundir.resume_point`,
+    which also cuts the logs back to it) on every process. `folder`: process 0's claimed run folder."""
+    seed_everything(cfg.train.seed)
+    p = build(cfg)
+    dist.broadcast_module(p.policy.model)  # one policy on every process, whatever its init
+    st = StepState()
+    ckpt = None
+    if resume:
+        ckpt = rundir.resume_point(run_dir) if folder is not None else None
+        where = dist.broadcast_object(str(ckpt.path) if ckpt is not None else "")
+        ckpt = ckpt or (read_checkpoint(Path(where)) if where else None)
+    if ckpt is not None:
+        restore(ckpt, p.policy.model, p.optim.optimizer, p.optim.scheduler)
+        st = StepState.from_json(ckpt.state["train"])
+        p.selector.load_state_dict(ckpt.state["selector"])
+        if p.guide is not None:
+            p.guide.load_state_dict(ckpt.state.get("guide", {}))
+    log: RunLogger | NullLogger = NullLogger()
+    if folder is not None:
+        log = RunLogger(run_dir, cfg.train.steps, st.step, progress=cfg.run.progress, loggers=cfg.run.loggers,
+                        config=cfg.model_dump(mode="json"))
+        folder.started()
+    return p, st, log
+
+
+def _train_loop(p: Pieces, st: StepState, log: RunLogger | NullLogger, save: Callable[[], None], run_dir: Path) -> int:
+    """Evaluate, (SFT stage,) train, checkpoint, evaluate. -> 0, or the signal that stopped it early
+    (after checkpointing)."""
     cfg = p.cfg
     evaluate = cfg.eval.enabled and bool(p.eval_samples) and dist.is_main()
     with _StopFlag() as stop:
@@ -123,7 +160,13 @@ def _train_loop(p: Pieces, st: StepState, log: RunLogger | NullLogger, save: Cal
             log.log(-1, run_sft_stage(p, cfg.guidance.sft_stage))
             dist.broadcast_module(p.policy.model)  # every process ran the same SFT; keep them bitwise equal
         while st.step < cfg.train.steps:
-            metrics, flat = train_step(p, st)
+            try:
+                metrics, flat = train_step(p, st)
+            except NonFiniteError:  # each non-finite update was skipped: the weights are finite, keep them
+                save()
+                print_warning(f"saved the last finite weights as the checkpoint of step {st.step}; after a fix, "
+                              f"continue with: guidedrl train --resume {run_dir}")
+                raise
             log.log(st.step, dist.mean_metrics(metrics))
             log.log_completions(st.step, flat, cfg.run.log_completions)
             st.step += 1
@@ -133,9 +176,8 @@ def _train_loop(p: Pieces, st: StepState, log: RunLogger | NullLogger, save: Cal
             if (cfg.run.save_every and st.step % cfg.run.save_every == 0) or stopping:
                 save()
             if stopping:
-                console.print(f"[yellow]stopped at step {st.step}; resume with: guidedrl train --resume {run_dir}")
-                return False
+                return stop.signum or signal.SIGTERM  # (another process got the signal: stop as for SIGTERM)
         save()
         if evaluate:
             log.log(st.step - 1, run_eval(p, run_dir / "eval_after.json"))
-    return True
+    return 0

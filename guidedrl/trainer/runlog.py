@@ -6,12 +6,49 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from guidedrl.core.console import console
+from guidedrl.core.errors import DataError
 from guidedrl.core.types import Completion
+from guidedrl.trainer.checkpoint import write_text_atomic
+
+LOGS = ("metrics.jsonl", "completions.jsonl")
+"""The per-step logs of a run folder (one JSON object a line, each with its `step`)."""
+
+
+def print_warning(message: str) -> None:
+    """`warning: message` on the console, on one line whatever the terminal's width."""
+    console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def truncate_log(path: Path, step: int, warn: Callable[[str], None] = print_warning) -> None:
+    """Keep the lines of `path` with a step <= `step` (a resume redoes the later ones).
+
+    A last line that is not JSON is what a kill in the middle of a write leaves: it is dropped and
+    `warn` says so. A bad line elsewhere is a `DataError` naming file:line. The rewrite is atomic
+    (`write_text_atomic`), so a kill during it leaves the old file or the new one.
+    """
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines()
+    keep: list[str] = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            if n == len(lines):
+                warn(f"{path}: dropped an incomplete last line (the run was stopped while writing it)")
+                break
+            raise DataError(f"{path}:{n}: not a JSON line ({e}); repair or delete it, then resume") from None
+        if row.get("step", -1) <= step:
+            keep.append(line)
+    write_text_atomic(path, "".join(k + "\n" for k in keep))
 
 
 def _clean(v: Any) -> Any:
@@ -49,12 +86,9 @@ class RunLogger:
             self._wandb = wandb.init(project="guidedrl", name=run_dir.name, config=config, dir=str(run_dir))
 
     def truncate_after(self, step: int) -> None:
-        """On resume: drop metric lines of steps after the checkpoint (they will be redone)."""
+        """On resume: drop log lines of steps after the checkpoint (they will be redone); `truncate_log`."""
         for path in (self.metrics_path, self.completions_path):
-            if not path.exists():
-                continue
-            keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", -1) <= step]
-            path.write_text("".join(k + "\n" for k in keep))
+            truncate_log(path, step)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step} | {k: _clean(v) for k, v in sorted(metrics.items())}

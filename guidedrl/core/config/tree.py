@@ -6,7 +6,7 @@ The defaults are the vetted GRPO setting on the embedded `arith` task with the b
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -21,21 +21,21 @@ from guidedrl.core.config.guidance import GuidanceConfig, PromptHint, Refine, Re
 class TinyModel(Strict):
     """A random-init Llama-architecture model built from this config (tests, benchmarks)."""
 
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    intermediate_size: int = 128
-    max_position_embeddings: int = 512
+    hidden_size: int = Field(64, ge=1)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(128, ge=1)
+    max_position_embeddings: int = Field(512, ge=1)
     seed: int = 0
 
 
 class Lora(Strict):
     """LoRA adapters via peft; only the adapters are trained and saved."""
 
-    r: int = 16
-    alpha: int = 32
-    dropout: float = 0.0
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | str = "all-linear"
 
 
@@ -62,6 +62,14 @@ class ModelConfig(Strict):
     attn_implementation: str | None = None
     """Passed to from_pretrained (e.g. sdpa, flash_attention_2). None = transformers' default."""
     gradient_checkpointing: bool = False
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    """Longest prompt (rendered, in tokens). None = the model's position count
+    (`max_position_embeddings`). Leaves no room for the response by itself: for a model with learned
+    absolute positions, set it to the positions minus `rollout.max_new_tokens`."""
+    prompt_overflow: Literal["truncate", "error"] = "truncate"
+    """A longer prompt: `truncate` keeps its last `max_prompt_tokens` tokens (the end of the problem
+    and the turn marker stay next to the response; one warning per run); `error` stops with a data
+    error naming the sample."""
 
     @model_validator(mode="after")
     def _autocast_weights(self) -> "ModelConfig":
@@ -96,7 +104,8 @@ class DataSource(Strict):
     split: str | None = None
     """Split name inside a DatasetDict folder."""
     fields: FieldMap = Field(default_factory=FieldMap)
-    limit: int | None = None
+    limit: int | None = Field(None, ge=0)
+    """The first N samples (0 = none); None = all."""
 
     @model_validator(mode="after")
     def _one_source(self) -> "DataSource":
@@ -153,7 +162,7 @@ class RolloutConfig(Strict):
 class RewardTerm(Strict):
     name: str
     """Built-in reward (see `guidedrl recipes --rewards`) or `module:function` for your own."""
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False)
     args: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -171,13 +180,16 @@ class Overlong(Strict):
 
     cache_len: int = Field(16, ge=1)
     """L_cache, at most rollout.max_new_tokens."""
-    factor: float = Field(1.0, ge=0)
+    factor: float = Field(1.0, ge=0, allow_inf_nan=False)
 
 
 RewardConfig.model_rebuild()
 
 
 # ----------------------------------------------------------------------------- train / run
+
+
+Beta = Annotated[float, Field(ge=0, lt=1)]
 
 
 class TrainConfig(Strict):
@@ -189,14 +201,16 @@ class TrainConfig(Strict):
     """Instead: the update's micro-batches filled with whole groups up to this many tokens (rows x
     their longest prompt + response), short rows many to a micro-batch, long ones few (verl's
     use_dynamic_bsz). None = micro_batch_size rows."""
-    lr: float = 1e-5
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    lr: float = Field(1e-5, gt=0, allow_inf_nan=False)
+    weight_decay: float = Field(0.0, ge=0, allow_inf_nan=False)
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW's (beta1, beta2), each in [0, 1)."""
     schedule: Literal["constant", "cosine", "linear"] = "constant"
-    warmup_steps: int = 0
-    grad_clip: float | None = 1.0
+    warmup_steps: int = Field(0, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+    """Max global gradient norm; None = no clipping. (A negative one would reverse the gradient.)"""
     seed: int = 0
-    max_nonfinite: int = 3
+    max_nonfinite: int = Field(3, ge=1)
     """Abort after this many non-finite losses/gradients in a row (each one skips its update)."""
     compile_model: bool = False
     """torch.compile each decoder layer (dynamic shapes) for the update and the prefill: fused
@@ -221,12 +235,12 @@ class TrainConfig(Strict):
 
 
 class EvalConfig(Strict):
-    every: int = 0
+    every: int = Field(0, ge=0)
     """Evaluate every N steps (0 = only before and after training)."""
-    samples: int = 4
+    samples: int = Field(4, ge=1)
     """Completions per problem (pass@k for k <= samples)."""
-    limit: int | None = 64
-    temperature: float = 1.0
+    limit: int | None = Field(64, ge=1)
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
     enabled: bool = True
 
 
@@ -234,10 +248,11 @@ class RunConfig(Strict):
     dir: str = "runs"
     name: str | None = None
     """Run folder name; None = recipe name + timestamp."""
-    save_every: int = 0
+    save_every: int = Field(0, ge=0)
     """Checkpoint every N steps (0 = only at the end)."""
-    keep_last: int = 2
-    log_completions: int = 2
+    keep_last: int = Field(2, ge=1)
+    """Complete checkpoints kept (the newest; at least 1)."""
+    log_completions: int = Field(2, ge=0)
     """Completions written to completions.jsonl per step."""
     loggers: list[Literal["tensorboard", "wandb"]] = Field(default_factory=list)
     progress: bool = True
