@@ -287,7 +287,7 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(data: Path, tmp_path: P
     def interrupted(cfg):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loop, "build_parts", interrupted)
+    monkeypatch.setattr(loop, "build", interrupted)
     out = tmp_path / "run"
     try:
         rc = main(_args(data, out))

@@ -135,7 +135,7 @@ def build(cfg: Config) -> Pieces:
     renderer = Renderer(tok, chat=use_chat(cfg.model, tok), system_prompt=cfg.model.system_prompt)
     policy = Policy(model, renderer, build_value_head(model) if cfg.algo.value is not None else None)
     train = load_samples(cfg.data.train)
-    evals = load_samples(cfg.data.eval) if (cfg.data.eval is not None and cfg.eval.enabled) else []
+    evals = load_samples(cfg.data.eval, key="data.eval") if (cfg.data.eval is not None and cfg.eval.enabled) else []
     if cfg.eval.limit is not None:
         evals = balanced_head(evals, cfg.eval.limit)
     task = cfg.data.train.task if cfg.data.train.path is None else None
