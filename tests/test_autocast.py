@@ -188,9 +188,9 @@ def test_a_training_step_runs_under_autocast_with_the_default_fast_paths(lora: b
     before = [p.detach().clone() for p in parts.optim.params]
     metrics, _ = train_step(parts, StepState())
     assert all(p.dtype == torch.float32 for p in parts.policy.model.parameters())
-    assert metrics["reward/std"] > 0 and metrics["grad_norm"] > 0 and abs(metrics["loss/policy"]) < 10
+    assert metrics["reward/std"] > 0 and metrics["policy/grad_norm"] > 0 and abs(metrics["loss/policy"]) < 10
     # the rollouts' behaviour log-probs and the update's forward both run under autocast: ratio ~1
-    assert abs(metrics["ratio_mean"] - 1.0) < 2e-2, metrics["ratio_mean"]
+    assert abs(metrics["policy/ratio_mean"] - 1.0) < 2e-2, metrics["policy/ratio_mean"]
     moved = [not torch.equal(a, p) for a, p in zip(before, parts.optim.params, strict=True)]
     assert sum(moved) >= len(moved) / 2  # (LoRA's A matrices get no gradient while B is still 0)
 

@@ -148,7 +148,7 @@ def test_training_parts_decode_from_the_copy_under_autocast_unless_turned_off(on
     parts = build(cfg)
     assert (parts.engine.cast_weights is not None) == on
     metrics, _ = train_step(parts, StepState())
-    assert metrics["grad_norm"] > 0 and abs(metrics["ratio_mean"] - 1.0) < 2e-2, metrics["ratio_mean"]
+    assert metrics["policy/grad_norm"] > 0 and abs(metrics["policy/ratio_mean"] - 1.0) < 2e-2, metrics["policy/ratio_mean"]
     if on:  # the next rollout decodes with the stepped weights
         cw = parts.engine.cast_weights
         cw.refresh()

@@ -29,9 +29,9 @@ def scripted_trainer(calls: list[tuple[str, bool]], finish: bool = True):
         p1 = FINAL_PASS1[cfg.name] + 0.2 * cfg.train.seed
         rows = [{"step": -1, "eval/pass@1": 0.0, "eval/L1/pass@1": 0.0, "eval/L2/pass@1": 0.0}]
         for s in range(cfg.train.steps):
-            rows.append({"step": s, "reward/mean": 0.1 * s, "entropy": 1.0, "len/mean": 5.0 + s,
+            rows.append({"step": s, "reward/mean": 0.1 * s, "policy/entropy": 1.0, "policy/len_mean": 5.0 + s,
                          "guide/solved_share": 0.1 * s, "guide/guided_share": 0.25 if cfg.name == "b" else 0.0,
-                         "time/step": 1.5, "tokens/generated": 100.0})
+                         "time/step": 1.5, "perf/tokens_generated": 100.0})
         rows.append({"step": cfg.train.steps - 1, "eval/pass@1": p1, "eval/pass@4": 0.5, "eval/L1/pass@1": p1 + 0.1,
                      "eval/L1/pass@4": 0.6, "eval/L2/pass@1": p1 - 0.1, "eval/L2/pass@4": 0.4})
         (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

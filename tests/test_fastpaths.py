@@ -517,7 +517,7 @@ def test_inert_rows_are_left_out_with_the_same_gradient(tiny, monkeypatch) -> No
     seen.clear()
     m_skip, g_skip, _ = _step(model, b, skip=True)
     assert sum(seen) == 8, "the 4 zero-advantage rows were not forwarded"
-    assert m_skip["update/skipped_rows"] == pytest.approx(4 / 12) and m_all["update/skipped_rows"] == 0.0
+    assert m_skip["perf/skipped_rows"] == pytest.approx(4 / 12) and m_all["perf/skipped_rows"] == 0.0
     for a, c in zip(g_all, g_skip, strict=True):
         assert torch.allclose(a, c, atol=1e-6)
     assert m_skip["loss/policy"] == pytest.approx(m_all["loss/policy"], abs=1e-6), "inert rows add no loss"
@@ -534,7 +534,7 @@ def test_a_step_of_only_inert_rows_moves_adamw_as_the_full_step_does(tiny) -> No
     b.advantages.zero_()  # every group with equal rewards
     m, grads, _ = _step(model, b, skip=True, opt=opt_a)
     _step(twin, b, skip=False, opt=opt_b)
-    assert m["update/skipped_rows"] == 1.0 and all(float(g.abs().max()) == 0.0 for g in grads)
+    assert m["perf/skipped_rows"] == 1.0 and all(float(g.abs().max()) == 0.0 for g in grads)
     for p, q in zip(model.parameters(), twin.parameters(), strict=True):
         assert torch.allclose(p, q, atol=1e-7), "the momentum step without a forward differs"
 
@@ -602,6 +602,6 @@ def test_a_training_step_with_a_token_budget_matches_the_row_count_one(monkeypat
         parts = build(cfg)
         out[bool(extra)], _ = train_step(parts, StepState())
     assert len(cuts[0]) == 1 and len(cuts[1]) > 1  # one micro-batch of rows; several under the budget
-    assert out[True]["grad_norm"] > 0
-    for k in ("reward/mean", "loss/policy", "grad_norm"):
+    assert out[True]["policy/grad_norm"] > 0
+    for k in ("reward/mean", "loss/policy", "policy/grad_norm"):
         assert out[True][k] == pytest.approx(out[False][k], rel=1e-4, abs=1e-6), k

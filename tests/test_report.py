@@ -31,9 +31,9 @@ def synthetic_rows(steps: int = 4, reward0: float = 0.1, levels: tuple[int, ...]
     """metrics.jsonl rows the way train.run logs them: eval before (step -1), steps, eval after."""
     rows = [{"step": -1, "eval/pass@1": 0.1, **{f"eval/L{lv}/pass@1": 0.2 / lv for lv in levels}}]
     for s in range(steps):
-        rows.append({"step": s, "reward/mean": reward0 + 0.1 * s, "entropy": 2.0 - 0.1 * s, "len/mean": 10.0 + s,
+        rows.append({"step": s, "reward/mean": reward0 + 0.1 * s, "policy/entropy": 2.0 - 0.1 * s, "policy/len_mean": 10.0 + s,
                      "guide/solved_share": 0.25 * s / steps, "guide/guided_share": 0.5, "time/step": 1.5,
-                     "tokens/generated": 100.0, "loss/total": None})
+                     "perf/tokens_generated": 100.0, "loss/total": None})
     rows.append({"step": steps - 1, "eval/pass@1": 0.4, "eval/pass@4": 0.7,
                  **{f"eval/L{lv}/pass@1": 0.6 / lv for lv in levels},
                  **{f"eval/L{lv}/pass@4": 0.9 / lv for lv in levels}})
@@ -75,7 +75,7 @@ def test_summarize_run_hand_values():
     # 4 steps: time 4*1.5 = 6 s, tokens 4*100 = 400, guided share mean .5, last reward .1+.3 = .4;
     # eval keys take the last logged value (after training): pass@1 .4, L3 pass@1 .6/3 = .2, pass@4 .7.
     s = summarize_run(synthetic_rows())
-    assert s["steps"] == 4 and s["time/train"] == pytest.approx(6.0) and s["tokens/generated"] == 400
+    assert s["steps"] == 4 and s["time/train"] == pytest.approx(6.0) and s["perf/tokens_generated"] == 400
     assert s["guide/guided_share"] == pytest.approx(0.5) and s["reward/last"] == pytest.approx(0.4)
     assert s["eval/pass@1"] == pytest.approx(0.4) and s["eval/L3/pass@1"] == pytest.approx(0.2)
     assert s["eval/pass@4"] == pytest.approx(0.7)
