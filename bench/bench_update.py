@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from guidedrl.trainer.batch import collate  # noqa: E402
 from guidedrl.nn.logprobs import policy_outputs  # noqa: E402
 from guidedrl.core.types import Batch, Completion, Sample  # noqa: E402
-from guidedrl.trainer.update import _length_sorted_micro_batches  # noqa: E402
+from guidedrl.trainer.update import micro_batches  # noqa: E402
 
 
 def _micro_slices(n: int, size: int) -> list[list[int]]:
@@ -69,7 +69,7 @@ def fwd_bwd(model: torch.nn.Module, batch: Batch, micro: int, way: str, tokens: 
     without a graph (`no_grad`: the reference / old log-prob passes)."""
     t0 = time.perf_counter()
     if "+trim" in way:
-        cuts = _length_sorted_micro_batches(batch, micro, tokens if way.endswith("+tokens") else None)
+        cuts = micro_batches(batch, micro, tokens if way.endswith("+tokens") else None)
         parts = [batch.select(rows).trimmed() for rows in cuts]
     else:
         parts = [batch.select(rows) for rows in _micro_slices(len(batch), micro)]
@@ -104,7 +104,7 @@ def main() -> None:
     print(f"batch {len(batch)} rows, P={batch.prompt_len}, R={batch.response_ids.shape[1]}, "
           f"real response tokens {int(batch.response_mask.sum())}, threads {a.threads}")
     tokens = a.micro_batch_tokens or a.micro_batch * (a.prompt_len + a.completion_len)
-    calls = {w: len(_length_sorted_micro_batches(batch, a.micro_batch, tokens if w.endswith("tokens") else None))
+    calls = {w: len(micro_batches(batch, a.micro_batch, tokens if w.endswith("tokens") else None))
              for w in ("rows", "tokens")}
     print(f"micro-batches: {calls['rows']} of {a.micro_batch} rows, {calls['tokens']} of up to {tokens} tokens")
     ways = ("plain", "shared", "cascade", "cascade+trim", "cascade+trim+tokens")

@@ -45,7 +45,8 @@ def batch_and_model():  # type: ignore[no-untyped-def]
 def gradients(rank: int, world: int) -> list[torch.Tensor]:
     """One optimizer step's (summed) gradients from this process's share of the batch."""
     from guidedrl.core.config import AlgoConfig
-    from guidedrl.trainer.update import Objective, optimizer_step
+    from guidedrl.trainer.objective import Objective
+    from guidedrl.trainer.update import Optim, optimizer_step
 
     model, b = batch_and_model()
     per = len(b) // world  # 12 rows = 4 groups of 3: each process gets whole groups
@@ -54,7 +55,7 @@ def gradients(rank: int, world: int) -> list[torch.Tensor]:
     opt = torch.optim.SGD(params, lr=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     obj = Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=9)  # GRPO: seq-mean-token-mean
-    _, finite = optimizer_step(model, params, opt, sched, obj, mine, micro_batch_size=2, grad_clip=None)
+    _, finite = optimizer_step(model, Optim(params, opt, sched), obj, mine, micro_batch_size=2, grad_clip=None)
     assert finite
     return [p.grad.clone() for p in params]
 

@@ -183,9 +183,9 @@ def test_silent_combinations_fail_at_load_time(tree: dict, message: str) -> None
         ("train.lr=0", "train.lr"),
         ("train.lr=nan", "train.lr"),
         ("train.lr=.inf", "train.lr"),
-        ("train.betas=[2,2]", "train.betas.0"),
-        ("train.betas=[0.9,1.0]", "train.betas.1"),
-        ("train.betas=[-0.1,0.9]", "train.betas.0"),
+        ("train.betas=[2,2]", "train.betas[0]"),
+        ("train.betas=[0.9,1.0]", "train.betas[1]"),
+        ("train.betas=[-0.1,0.9]", "train.betas[0]"),
         ("train.weight_decay=-1", "train.weight_decay"),
         ("train.weight_decay=nan", "train.weight_decay"),
         ("train.warmup_steps=-1", "train.warmup_steps"),
@@ -203,7 +203,7 @@ def test_silent_combinations_fail_at_load_time(tree: dict, message: str) -> None
         ("model.tiny.hidden_size=0", "model.tiny.hidden_size"),
         ("data.train.limit=-1", "data.train.limit"),
         ("reward.overlong={cache_len: 0}", "reward.overlong.cache_len"),
-        ("reward.terms=[{name: exact, weight: .nan}]", "reward.terms.0.weight"),
+        ("reward.terms=[{name: exact, weight: .nan}]", "reward.terms[0].weight"),
     ],
 )
 def test_bad_numbers_fail_at_load_naming_the_key(override: str, key: str) -> None:

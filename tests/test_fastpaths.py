@@ -210,7 +210,8 @@ def test_shared_prompt_training_forward_equals_the_plain_forward_with_gradients(
 def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny) -> None:
     from guidedrl.core.config import AlgoConfig
     from guidedrl.nn.logprobs import policy_outputs
-    from guidedrl.trainer.update import Objective, _length_sorted_micro_batches, optimizer_step
+    from guidedrl.trainer.objective import Objective
+    from guidedrl.trainer.update import Optim, micro_batches, optimizer_step
 
     model, tok = tiny
     eng = HFEngine(model, tok, RolloutConfig(max_new_tokens=12, temperature=1.0))
@@ -228,7 +229,7 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
         full = policy_outputs(model, b.select([row])).logprobs
         cut = policy_outputs(model, short).logprobs
     assert torch.allclose(full[:, : cut.shape[1]] * short.response_mask, cut * short.response_mask, atol=1e-5)
-    rows = _length_sorted_micro_batches(b, 3)
+    rows = micro_batches(b, 3)
     assert sorted(r for mb in rows for r in mb) == list(range(len(b))) and max(map(len, rows)) <= 3
     obj = Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -236,7 +237,7 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
     def grads(micro: int) -> list[torch.Tensor]:
-        metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=micro, grad_clip=None)
+        metrics, finite = optimizer_step(model, Optim(params, opt, sched), obj, b, micro_batch_size=micro, grad_clip=None)
         assert finite
         return [p.grad.clone() for p in params]
 
@@ -245,9 +246,9 @@ def test_length_sorted_trimmed_micro_batches_give_the_whole_batch_gradients(tiny
         assert torch.allclose(a, c, atol=1e-5)
     # token-budget micro-batches (`train.micro_batch_tokens`): whole groups, several micro-batches
     budget = int(b.attention_mask.sum(-1).max()) * 4
-    tok_rows = _length_sorted_micro_batches(b, len(b), tokens=budget)
+    tok_rows = micro_batches(b, len(b), tokens=budget)
     assert len(tok_rows) > 1 and sorted(r for mb in tok_rows for r in mb) == list(range(len(b)))
-    metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=len(b), grad_clip=None,
+    metrics, finite = optimizer_step(model, Optim(params, opt, sched), obj, b, micro_batch_size=len(b), grad_clip=None,
                                      micro_batch_tokens=budget)
     assert finite
     for a, p in zip(whole, params, strict=True):
@@ -259,7 +260,8 @@ def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own
     results back in row order: equal to one forward over the whole untrimmed batch."""
     from guidedrl.core.config import AlgoConfig
     from guidedrl.nn.logprobs import policy_outputs
-    from guidedrl.trainer.update import Objective, recompute_old, reference_logprobs
+    from guidedrl.trainer.objective import Objective
+    from guidedrl.trainer.update import recompute_behaviour, reference_logprobs
 
     model, tok = tiny
     reqs = _reqs(tok)
@@ -270,17 +272,18 @@ def test_no_grad_passes_over_sorted_trimmed_micro_batches_give_every_row_its_own
     assert len({int(n) for n in b.response_mask.sum(-1)}) > 1  # ragged: trimming and sorting both act
     with torch.no_grad():
         whole = policy_outputs(model, b).logprobs * b.response_mask  # (B, R)
-    ref = reference_logprobs(model, b, 1.0, 3)
+    obj = Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12)
+    ref = reference_logprobs(model, b, obj, 3)
     assert ref.shape == whole.shape and torch.allclose(ref, whole, atol=1e-5)
     b.behaviour_logprobs = torch.zeros_like(whole)
-    recompute_old(model, b, Objective.from_config(AlgoConfig(), temperature=1.0, max_new_tokens=12), 3)
+    recompute_behaviour(model, b, obj, 3, rows_only=False)
     assert torch.allclose(b.behaviour_logprobs, whole, atol=1e-5)
 
 
 def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None:
     from types import SimpleNamespace
 
-    from guidedrl.trainer.update import _length_sorted_micro_batches
+    from guidedrl.trainer.update import micro_batches
 
     # 4 groups of 2 rows; real tokens per row: group 0 10 and 9, group 1 4 and 3, group 2 7 and 7, group 3 20 and 5
     real = [10, 9, 4, 3, 7, 7, 20, 5]
@@ -290,9 +293,9 @@ def test_token_budget_micro_batches_hold_whole_groups_up_to_the_budget() -> None
     #   group 1: 2 rows x 4 = 8; + group 2: 4 rows x 7 = 28 <= 30, joins;
     #   + group 0: 6 x 10 = 60 > 30, starts one (2 x 10 = 20); + group 3: 4 x 20 = 80, starts one,
     #   alone over the budget (2 x 20 = 40): a group is never split
-    assert _length_sorted_micro_batches(b, 8, tokens=30) == [[2, 3, 4, 5], [0, 1], [6, 7]]
-    assert _length_sorted_micro_batches(b, 8, tokens=1000) == [[2, 3, 4, 5, 0, 1, 6, 7]]
-    assert _length_sorted_micro_batches(b, 3) == [[2, 3, 4], [5, 0, 1], [6, 7]]  # by rows: groups may split
+    assert micro_batches(b, 8, tokens=30) == [[2, 3, 4, 5], [0, 1], [6, 7]]
+    assert micro_batches(b, 8, tokens=1000) == [[2, 3, 4, 5, 0, 1, 6, 7]]
+    assert micro_batches(b, 3) == [[2, 3, 4], [5, 0, 1], [6, 7]]  # by rows: groups may split
 
 
 def test_a_token_budget_satisfies_whole_group_losses_whatever_the_row_size() -> None:
@@ -406,10 +409,10 @@ def test_checkpointed_chunks_give_the_gradients_of_the_full_vocabulary_loss() ->
 
 
 def test_one_epoch_skips_the_old_logprob_pass_and_no_kl_loads_no_reference(monkeypatch) -> None:
-    import guidedrl.trainer.loop as T
+    import guidedrl.trainer.update as T
 
     calls = []
-    monkeypatch.setattr(T, "recompute_old", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(T, "recompute_behaviour", lambda *a, **k: calls.append(1) or {})
     cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",
                              "rollout.max_new_tokens=6", "rollout.group_size=2", "train.prompts_per_step=2"])
     seed_everything(0)
@@ -492,19 +495,20 @@ def _grouped_batch(model, tok, seed: int):
 
 def _step(model, b, *, skip: bool, opt_cls=torch.optim.SGD, lr: float = 0.0, algo=None, opt=None):
     from guidedrl.core.config import AlgoConfig
-    from guidedrl.trainer.update import Objective, optimizer_step
+    from guidedrl.trainer.objective import Objective
+    from guidedrl.trainer.update import Optim, optimizer_step
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = opt or opt_cls(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
     obj = Objective.from_config(algo or AlgoConfig(), temperature=1.0, max_new_tokens=8, skip_inert=skip)
-    metrics, finite = optimizer_step(model, params, opt, sched, obj, b, micro_batch_size=3, grad_clip=None)
+    metrics, finite = optimizer_step(model, Optim(params, opt, sched), obj, b, micro_batch_size=3, grad_clip=None)
     assert finite
     return metrics, [p.grad.clone() for p in params], opt
 
 
 def test_inert_rows_are_left_out_with_the_same_gradient(tiny, monkeypatch) -> None:
-    from guidedrl.trainer.update import Objective
+    from guidedrl.trainer.objective import Objective
 
     model, tok = tiny
     b = _grouped_batch(model, tok, seed=3)
@@ -541,7 +545,7 @@ def test_a_step_of_only_inert_rows_moves_adamw_as_the_full_step_does(tiny) -> No
 
 def test_rows_are_not_inert_when_another_term_or_the_loss_reads_them(tiny) -> None:
     from guidedrl.core.config import AlgoConfig, PACSLoss, PPOClipLoss
-    from guidedrl.trainer.update import Objective
+    from guidedrl.trainer.objective import Objective
 
     model, tok = tiny
     b = _grouped_batch(model, tok, seed=5)
@@ -553,7 +557,7 @@ def test_rows_are_not_inert_when_another_term_or_the_loss_reads_them(tiny) -> No
     assert inert() == 12
     assert inert(entropy_coef=0.01) == 0, "an entropy bonus has a gradient on every row"
     assert inert(loss=PACSLoss()) == 0, "PACS reads rewards, not only advantages"
-    assert inert(loss=PPOClipLoss(offpolicy={"gamma_percentile": 0.9})) == 0, "a percentile gamma couples rows"
+    assert inert(loss=PPOClipLoss(offpolicy_weight={"gamma_percentile": 0.9})) == 0, "a percentile gamma couples rows"
     assert int(Objective.from_config(AlgoConfig(), 1.0, 8, skip_inert=False).inert_rows(b).sum()) == 0
 
 
@@ -591,8 +595,8 @@ def test_a_training_step_with_a_token_budget_matches_the_row_count_one(monkeypat
     import guidedrl.trainer.update as update
 
     cuts: list[list[list[int]]] = []
-    real = update._length_sorted_micro_batches
-    monkeypatch.setattr(update, "_length_sorted_micro_batches", lambda *a, **k: cuts.append(real(*a, **k)) or cuts[-1])
+    real = update.micro_batches
+    monkeypatch.setattr(update, "micro_batches", lambda *a, **k: cuts.append(real(*a, **k)) or cuts[-1])
     out = {}
     for extra in ([], ["train.micro_batch_tokens=150"]):
         cfg = load_config(None, ["model.path=tiny", "data.eval=null", "eval.enabled=false", "run.progress=false",

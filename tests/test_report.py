@@ -165,7 +165,7 @@ def test_report_single_run(tmp_path):
     assert "Evaluation after training" in doc and "0.750" in doc and "name: grpo" in doc
     assert all(_is_png(run / "plots" / f"{s.name}.png") for s in PLOTS)
     md = (run / "report.md").read_text()
-    assert "![reward](plots/reward.png)" in md and "| steps | 4 |" in md and "| tokens/generated | 400 |" in md
+    assert "![reward](plots/reward.png)" in md and "| steps | 4 |" in md and "| perf/tokens_generated | 400 |" in md
 
 
 def test_report_several_runs_is_a_comparison(tmp_path):

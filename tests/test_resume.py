@@ -141,14 +141,14 @@ def test_nonfinite_updates_are_skipped_then_abort(
 ) -> None:
     from guidedrl import algo
 
-    real = algo.LOSSES["ppo_clip"]
+    real = algo.LOSSES["ppo_clip"].fn
 
     def nan_loss(inp, cfg, reduce):  # a loss that goes non-finite, as a diverging run would
         out = real(inp, cfg, reduce)
         out.loss = out.loss * float("nan")
         return out
 
-    monkeypatch.setitem(algo.LOSSES, "ppo_clip", nan_loss)
+    monkeypatch.setitem(algo.LOSSES, "ppo_clip", algo.Term(nan_loss))
     run = tmp_path / "nan"
     rc = main(_args(data, run, ["train.max_nonfinite=2", "algo.epochs=1", "algo.minibatches=1", "run.save_every=0"]))
     err = capsys.readouterr().err

@@ -100,4 +100,4 @@ def test_forced_prefix_is_continued_and_masked(tiny) -> None:
     c = to_completion(Sample(id="s", prompt=""), 0, plan, out[0], Renderer(tok, chat=False))
     assert c.ids[: len(prefix)] == prefix and c.text.startswith("Start at 3.")
     assert c.mask[: len(prefix)] == [0.0] * len(prefix) and all(m == 1.0 for m in c.mask[len(prefix):])
-    assert c.logprobs[: len(prefix)] == [0.0] * len(prefix)
+    assert c.behaviour_logprobs[: len(prefix)] == [0.0] * len(prefix)

@@ -53,7 +53,7 @@ class GAEAdvantage(Strict):
 def _name_or(default: str) -> Callable[[Any], str]:
     """A union's tag: the `name` given, or the default variant's when a node sets only its fields
     (`--set algo.loss.dual_clip=10` on the default loss)."""
-    return lambda v: v.get("name", default) if isinstance(v, dict) else v.name
+    return lambda v: v.get("name", default) if isinstance(v, dict) else getattr(v, "name", None)
 
 
 AdvantageConfig = Annotated[

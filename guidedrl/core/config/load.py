@@ -47,7 +47,7 @@ def _walk(loc: tuple[Any, ...]) -> tuple[list[str], list[type[BaseModel]]]:
         if owners:
             parts.append(x)
             here = [m for o in owners for m in _models(o.model_fields[x].annotation)]
-        elif any(_tag(m) == x or m.__name__ == x for m in here):
+        elif len(here) > 1 and any(_tag(m) == x or m.__name__ == x for m in here):  # a union's tag
             here = [m for m in here if _tag(m) == x or m.__name__ == x]
         else:
             parts.append(x)
@@ -62,7 +62,7 @@ def _format_error(err: dict[str, Any], source: str) -> str:
     if etype == "extra_forbidden":
         _, parents = _walk(tuple(err["loc"])[:-1])
         known = sorted({k for m in parents for k in m.model_fields})
-        close = difflib.get_close_matches(parts[-1], known, n=1)
+        close = difflib.get_close_matches(parts[-1], known, n=1) if parts else []
         hint = f" Did you mean `{'.'.join(parts[:-1] + [close[0]])}`?" if close else f" Known here: {', '.join(known)}."
         return f"{source}: unknown key `{dotted}`.{hint}"
     if etype == "union_tag_invalid":
